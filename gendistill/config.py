@@ -1,0 +1,183 @@
+"""YAML configs with dotted ``key=value`` overrides, validated into dataclasses.
+
+Every section is a dataclass; an unknown key, a value of the wrong type or a missing file raises
+``ConfigError`` with a one-line message that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("teacher", "ctm")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str | None = None        # the .npz file when name is npz
+    kind: str | None = None        # npz only: vector, image or audio (inferred when unset)
+
+
+@dataclass
+class NetworkConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths
+    layers_per_block: int = 1
+    attention: bool = True
+    width: int = 256               # MLP width (vector data)
+    depth: int = 4                 # MLP residual blocks
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    cond_dropout: float = 0.1      # CFG: share of conditions replaced by the null condition
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    mixed_precision: str = "no"    # no, fp16 or bf16
+    resume: bool = False           # continue from the newest checkpoint in output_dir
+    cpu: bool = False              # force CPU even where a GPU is present
+
+
+@dataclass
+class EDMConfig:
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+
+@dataclass
+class Config:
+    method: str = "teacher"
+    output_dir: str = "runs/teacher"
+    seed: int = 0
+    teacher: str | None = None     # the teacher folder, for distillation methods
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; YAML already parsed numbers and bools."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.max_steps=10", "seed=1"]`` -> nested dict with YAML-parsed values."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls=Config):
+    """Read a YAML config, apply dotted overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    values = merge(values, parse_overrides(overrides or []))
+    cfg = build(cls, values)
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method: unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision: expected no, fp16 or bf16, got "
+                          f"{cfg.train.mixed_precision!r}")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,26 @@
+"""Built-in datasets (toy2d, digits, synthsounds) and the npz loader for user data."""
+from __future__ import annotations
+
+from .base import Dataset, DataError
+from .digits import load_digits
+from .npz import load_npz
+from .synthsounds import load_synthsounds
+from .toy2d import load_toy2d, sample_toy2d
+
+BUILTIN = {"toy2d": load_toy2d, "digits": load_digits, "synthsounds": load_synthsounds}
+
+
+def load_dataset(name: str, split: str = "train", path: str | None = None,
+                 kind: str | None = None) -> Dataset:
+    """A built-in dataset by name, or ``name="npz"`` with ``path`` for user data."""
+    if name == "npz":
+        if not path:
+            raise DataError("data.name=npz needs data.path=FILE.npz")
+        return load_npz(path, kind=kind)
+    if name not in BUILTIN:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join([*BUILTIN, 'npz'])}")
+    return BUILTIN[name](split=split)
+
+
+__all__ = ["Dataset", "DataError", "load_dataset", "load_npz", "load_toy2d", "load_digits",
+           "load_synthsounds", "sample_toy2d", "BUILTIN"]

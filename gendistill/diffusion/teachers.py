@@ -1,0 +1,215 @@
+"""Teacher adapters: any diffusion network seen as a denoiser D(x_sigma, sigma, cond) -> x0_hat.
+
+The adapters convert sigma space (x_sigma = x_0 + sigma * eps) to each network's native
+parameterisation and back (DESIGN.md section 3). A network is anything called like a diffusers
+UNet: ``net(sample, timestep, class_labels=... | encoder_hidden_states=...)``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .sigmas import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, append_dims, edm_scalings, \
+    sigma_to_flow_t, vp_sigmas_from_alphas_cumprod
+
+
+def is_class_cond(cond) -> bool:
+    return cond is not None and not torch.is_floating_point(cond)
+
+
+def call_network(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond=None):
+    """Call a diffusers-style network with class labels (int tensor) or token states (float)."""
+    if cond is None:
+        out = net(x, timestep)
+    elif is_class_cond(cond):
+        out = net(x, timestep, class_labels=cond)
+    else:
+        out = net(x, timestep, encoder_hidden_states=cond)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def feature_modules(net: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are the network's features: UNet blocks or MLP hidden layers."""
+    if hasattr(net, "down_blocks"):
+        return [*net.down_blocks, net.mid_block, *net.up_blocks]
+    if hasattr(net, "hidden_layers"):
+        return list(net.hidden_layers)
+    raise TypeError(f"no feature taps known for {type(net).__name__}")
+
+
+class Denoiser(nn.Module):
+    """D(x, sigma, cond) -> x0_hat in sigma space, with the null condition used for CFG.
+
+    ``null_cond`` is one sample's null condition (the null class index, or the token states of
+    the empty prompt); None for an unconditional teacher.
+    """
+
+    def __init__(self, net: nn.Module, null_cond: torch.Tensor | None = None,
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX):
+        super().__init__()
+        self.net = net
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.register_buffer("null_cond", null_cond, persistent=False)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        sigma = sigma.clamp(self.sigma_min, self.sigma_max)
+        return self.denoise(x, sigma, cond)
+
+    def denoise(self, x, sigma, cond):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def null_like(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.null_cond is None:
+            raise ValueError("this teacher has no null condition, so it cannot use guidance")
+        return self.null_cond.to(cond.device).expand(cond.shape[0], *self.null_cond.shape)
+
+    def features(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> list[torch.Tensor]:
+        """Activations of the network's blocks (down, mid, up) or hidden layers at (x, sigma)."""
+        with tap_features(self.net) as feats:
+            self(x, sigma, cond)
+        return feats
+
+
+@contextmanager
+def tap_features(net: nn.Module):
+    """Collect the outputs of ``feature_modules(net)`` during the forward passes in the block."""
+    feats: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        feats.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [m.register_forward_hook(hook) for m in feature_modules(net)]
+    try:
+        yield feats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class EDMDenoiser(Denoiser):
+    """EDM preconditioning of a raw network F: D = c_skip x + c_out F(c_in x, c_noise)."""
+
+    def __init__(self, net, sigma_data: float = SIGMA_DATA, **kw):
+        super().__init__(net, **kw)
+        self.sigma_data = float(sigma_data)
+
+    def denoise(self, x, sigma, cond):
+        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in
+                                        edm_scalings(sigma, self.sigma_data))
+        return c_skip * x + c_out * call_network(self.net, c_in * x, c_noise.flatten(), cond)
+
+
+class VPDenoiser(Denoiser):
+    """A discrete-time VP network (DDPM/DDIM schedulers) with epsilon, v or sample prediction.
+
+    sigma(t) = sqrt((1 - abar_t) / abar_t); a continuous sigma maps to a fractional timestep by
+    interpolating log sigma over the table, and the network sees x_vp = x_sigma / sqrt(1 + sigma^2).
+    """
+
+    def __init__(self, net, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", **kw):
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        sigmas = vp_sigmas_from_alphas_cumprod(torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+        # sigma is limited to the table's range
+        kw["sigma_min"] = max(kw.get("sigma_min", 0.0), float(sigmas[0]))
+        kw["sigma_max"] = min(kw.get("sigma_max", float("inf")), float(sigmas[-1]))
+        super().__init__(net, **kw)
+        self.prediction_type = prediction_type
+        self.register_buffer("log_sigmas", sigmas.log().float(), persistent=False)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timestep whose (log-linearly interpolated) sigma is ``sigma``."""
+        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigma = sigma.log().clamp(log_sigmas[0], log_sigmas[-1])
+        idx = torch.searchsorted(log_sigmas, log_sigma.contiguous()).clamp(1, len(log_sigmas) - 1)
+        lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
+        w = (log_sigma - lo) / (hi - lo)
+        return (idx - 1).to(sigma.dtype) + w
+
+    def denoise(self, x, sigma, cond):
+        s = append_dims(sigma, x.ndim)
+        alpha_bar = 1 / (1 + s ** 2)
+        x_vp = x * alpha_bar.sqrt()
+        out = call_network(self.net, x_vp, self.sigma_to_t(sigma), cond)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * x_vp - (1 - alpha_bar).sqrt() * out
+        return out
+
+
+class FlowDenoiser(Denoiser):
+    """A rectified-flow network: x_t = (1 - t) x_0 + t eps, velocity v = eps - x_0.
+
+    The network receives the diffusers timestep t * num_train_timesteps.
+    """
+
+    def __init__(self, net, num_train_timesteps: int = 1000, **kw):
+        super().__init__(net, **kw)
+        self.num_train_timesteps = num_train_timesteps
+
+    def denoise(self, x, sigma, cond):
+        t = sigma_to_flow_t(sigma)
+        tt = append_dims(t, x.ndim)
+        x_fm = x / (1 + append_dims(sigma, x.ndim))
+        v = call_network(self.net, x_fm, t * self.num_train_timesteps, cond)
+        return x_fm - tt * v
+
+
+def cfg_denoise(denoiser: Denoiser, x: torch.Tensor, sigma, cond=None, guidance=1.0):
+    """D_w = D(x, s, null) + w (D(x, s, c) - D(x, s, null)); both branches in one forward pass.
+
+    ``guidance`` is a float or a per-sample tensor; w = 1 is the plain conditional denoiser.
+    """
+    if cond is None or (not torch.is_tensor(guidance) and guidance == 1.0):
+        return denoiser(x, sigma, cond)
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                    torch.cat([denoiser.null_like(cond), cond]))
+    uncond, cond_out = both.chunk(2)
+    w = append_dims(torch.as_tensor(guidance, device=x.device, dtype=x.dtype), x.ndim)
+    return uncond + w * (cond_out - uncond)
+
+
+class NFECounter:
+    """Counts real forward calls of a module and the rows they processed."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.calls, self.rows = module, 0, 0
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _hook(self, _m, inputs, _out):
+        self.calls += 1
+        self.rows += inputs[0].shape[0]
+
+    def per_sample(self, batch_size: int) -> int:
+        """Network evaluations per sample (CFG's doubled batch counts twice, as papers do)."""
+        return int(round(self.rows / batch_size))
+
+
+def denoiser_from_scheduler(net: nn.Module, scheduler, null_cond=None) -> Denoiser:
+    """Pick the adapter from a diffusers scheduler: EDM, flow matching, or discrete VP."""
+    name, cfg = type(scheduler).__name__, scheduler.config
+    if name.startswith("EDM"):
+        return EDMDenoiser(net, sigma_data=cfg.sigma_data, null_cond=null_cond,
+                           sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    if name.startswith("FlowMatch"):
+        return FlowDenoiser(net, num_train_timesteps=cfg.num_train_timesteps, null_cond=null_cond)
+    if hasattr(scheduler, "alphas_cumprod"):
+        return VPDenoiser(net, scheduler.alphas_cumprod, cfg.prediction_type, null_cond=null_cond)
+    raise TypeError(f"no teacher adapter for scheduler {name}")
+
+

@@ -1,0 +1,93 @@
+"""Raw networks F(x, timestep, cond) in the diffusers calling convention.
+
+Images use diffusers' own UNets (``UNet2DModel`` for class labels, ``UNet2DConditionModel`` for
+text cross-attention); vectors use ``MLPNet``. The EDM preconditioning that turns any of them
+into a denoiser lives in ``gendistill.diffusion.teachers.EDMDenoiser``.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+
+class MLPBlock(nn.Module):
+    """Residual MLP block: the (time + class) embedding is added after the first layer."""
+
+    def __init__(self, width: int, emb_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.emb = nn.Linear(emb_dim, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        r = nn.functional.silu(self.fc1(self.norm(h)) + self.emb(emb))
+        return h + self.fc2(r)
+
+
+class MLPNet(ModelMixin, ConfigMixin):
+    """MLP for vector data (e.g. 2-D points), called like a diffusers UNet."""
+
+    @register_to_config
+    def __init__(self, in_dim: int = 2, width: int = 256, depth: int = 4, emb_dim: int = 128,
+                 num_class_embeds: int | None = None):
+        super().__init__()
+        self.time_proj = Timesteps(emb_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(emb_dim, emb_dim)
+        self.class_embedding = nn.Embedding(num_class_embeds, emb_dim) if num_class_embeds else None
+        self.conv_in = nn.Linear(in_dim, width)
+        self.hidden_layers = nn.ModuleList(MLPBlock(width, emb_dim) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(width)
+        self.conv_out = nn.Linear(width, in_dim)
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True):
+        t = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
+        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
+        emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("class_labels must be given to a class-conditional MLPNet")
+            emb = emb + self.class_embedding(class_labels)
+        h = self.conv_in(sample)
+        for block in self.hidden_layers:
+            h = block(h, emb)
+        out = self.conv_out(nn.functional.silu(self.norm_out(h)))
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def build_network(data_shape: tuple[int, ...], num_classes: int | None = None,
+                  cross_attention_dim: int | None = None, channels=(32, 64), layers_per_block=1,
+                  attention: bool = True, width: int = 256, depth: int = 4) -> ModelMixin:
+    """The raw network for one sample shape: MLP for vectors, a diffusers UNet for (C, H, W).
+
+    Class-conditional networks get one extra class embedding, the null class used by CFG.
+    """
+    num_class_embeds = num_classes + 1 if num_classes else None
+    if len(data_shape) == 1:
+        return MLPNet(in_dim=data_shape[0], width=width, depth=depth,
+                      num_class_embeds=num_class_embeds)
+    if len(data_shape) != 3:
+        raise ValueError(f"cannot build a network for samples of shape {tuple(data_shape)}")
+    channels_in, height, _width = data_shape
+    channels = tuple(int(c) for c in channels)
+    groups = min(8, channels[0])
+    common = dict(sample_size=height, in_channels=channels_in, out_channels=channels_in,
+                  block_out_channels=channels, layers_per_block=layers_per_block,
+                  norm_num_groups=groups, attention_head_dim=8)
+    n = len(channels)
+    if cross_attention_dim:
+        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+        up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+        return UNet2DConditionModel(down_block_types=down, up_block_types=up,
+                                    cross_attention_dim=cross_attention_dim, **common)
+    attn_down = "AttnDownBlock2D" if attention else "DownBlock2D"
+    attn_up = "AttnUpBlock2D" if attention else "UpBlock2D"
+    down = ("DownBlock2D",) + (attn_down,) * (n - 1)
+    up = (attn_up,) * (n - 1) + ("UpBlock2D",)
+    return UNet2DModel(down_block_types=down, up_block_types=up,
+                       num_class_embeds=num_class_embeds, **common)

@@ -1,0 +1,123 @@
+"""What every gendistill pipeline shares: conditions in, images / audio / vectors out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .text import load_text_encoder
+
+
+@dataclass
+class SamplesOutput(BaseOutput):
+    """``samples``: images (PIL list / array / tensor), waveforms (with ``sample_rate``) or vectors.
+
+    ``latents`` are the raw model-space samples; ``conditions`` the class label or prompt of each.
+    """
+
+    samples: object
+    latents: torch.Tensor
+    conditions: list
+    sample_rate: int | None = None
+
+
+def network_sample_shape(net) -> tuple[int, ...]:
+    cfg = net.config
+    if hasattr(cfg, "in_dim"):
+        return (cfg.in_dim,)
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (cfg.in_channels, h, w)
+
+
+def null_class(net) -> int | None:
+    """Class-conditional networks carry one extra embedding, the null class, at the end."""
+    n = getattr(net.config, "num_class_embeds", None)
+    return n - 1 if n else None
+
+
+class ConditionalPipeline(DiffusionPipeline):
+    """Base for pipelines whose network takes class labels or prompt token states."""
+
+    network_name = "unet"
+
+    @property
+    def network(self):
+        return getattr(self, self.network_name)
+
+    @property
+    def conditioning(self) -> str:
+        if null_class(self.network) is not None:
+            return "class"
+        return "text" if getattr(self.config, "text_encoder_name", None) else "none"
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        states, _pooled = load_text_encoder(self.config.text_encoder_name)(prompts)
+        return states.to(self.device, self.network.dtype)
+
+    def null_condition(self):
+        """One sample's null condition: the null class index or the empty prompt's states."""
+        if self.conditioning == "class":
+            return torch.tensor(null_class(self.network), device=self.device)
+        if self.conditioning == "text":
+            return self.encode_prompt([""])[0]
+        return None
+
+    def prepare_conditions(self, class_labels=None, prompt=None, batch_size: int = 1,
+                           num_per_condition: int = 1):
+        """(cond tensor or None, list of condition descriptions), repeated per condition."""
+        kind = self.conditioning
+        if kind == "class":
+            if class_labels is None:
+                raise ValueError("this pipeline is class-conditional: pass class_labels")
+            labels = torch.as_tensor(class_labels).reshape(-1).long()
+            num_classes = null_class(self.network)
+            if labels.min() < 0 or labels.max() >= num_classes:
+                raise ValueError(f"class labels must be in [0, {num_classes - 1}], got "
+                                 f"{labels.tolist()}")
+            labels = labels.repeat_interleave(num_per_condition)
+            return labels.to(self.device), labels.tolist()
+        if kind == "text":
+            if prompt is None:
+                raise ValueError("this pipeline is text-conditional: pass prompt")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompts = [p for p in prompts for _ in range(num_per_condition)]
+            return self.encode_prompt(prompts), prompts
+        if class_labels is not None or prompt is not None:
+            raise ValueError("this pipeline is unconditional: pass neither class_labels nor prompt")
+        return None, [None] * (batch_size * num_per_condition)
+
+    def initial_noise(self, n: int, sigma: float, generator=None) -> torch.Tensor:
+        shape = (n, *network_sample_shape(self.network))
+        return sigma * randn_tensor(shape, generator=generator, device=self.device,
+                                    dtype=self.network.dtype)
+
+    def postprocess(self, x: torch.Tensor, conditions: list, output_type: str = "pil",
+                    return_dict: bool = True):
+        """Model space -> user space: images in [0, 1] / PIL, waveforms via the vocoder, vectors."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        vocoder = getattr(self, "vocoder", None)
+        sample_rate = None
+        if output_type == "latent" or x.ndim == 2:
+            samples = x if output_type in ("pt", "latent") else x.float().cpu().numpy()
+        elif vocoder is not None:
+            waves = vocoder(x.float())
+            sample_rate = vocoder.config.sample_rate
+            samples = waves if output_type == "pt" else waves.cpu().numpy()
+        else:
+            images = ((x.float() + 1) / 2).clamp(0, 1)
+            if output_type == "pt":
+                samples = images
+            else:
+                arr = images.permute(0, 2, 3, 1).cpu().numpy()
+                samples = arr if output_type == "np" else self.numpy_to_pil(arr)
+        if not return_dict:
+            return (samples,)
+        return SamplesOutput(samples=samples, latents=x, conditions=conditions,
+                             sample_rate=sample_rate)
+
+

@@ -1,0 +1,45 @@
+"""TeacherPipeline: a diffusion network + its diffusers scheduler, sampled by an ODE solver.
+
+The folder is an ordinary diffusers folder (``unet``, ``scheduler``, optional ``vocoder``).
+Any scheduler the adapters know works: EDM (our own teachers), DDPM/DDIM-style VP with
+epsilon / v / sample prediction, and flow matching.
+"""
+from __future__ import annotations
+
+import torch
+
+from gendistill.diffusion import SAMPLERS, append_zero, denoiser_from_scheduler, karras_sigmas
+
+from .base import ConditionalPipeline
+
+
+class TeacherPipeline(ConditionalPipeline):
+    model_cpu_offload_seq = "unet"
+    _optional_components = ["vocoder"]
+
+    def __init__(self, unet, scheduler, vocoder=None, text_encoder_name: str | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder)
+        self.register_to_config(text_encoder_name=text_encoder_name)
+
+    def denoiser(self):
+        """The teacher as D(x, sigma, cond) in sigma space, with its null condition for CFG."""
+        return denoiser_from_scheduler(self.unet, self.scheduler, self.null_condition())
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
+                 num_per_condition: int = 1, num_inference_steps: int = 18,
+                 guidance_scale: float = 1.0, sampler: str = "heun", generator=None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Solve the probability-flow ODE over a Karras grid of ``num_inference_steps`` + 0."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        cond, conditions = self.prepare_conditions(class_labels, prompt, batch_size,
+                                                   num_per_condition)
+        denoiser = self.denoiser()
+        sigmas = append_zero(karras_sigmas(num_inference_steps, denoiser.sigma_min,
+                                           denoiser.sigma_max, device=self.device))
+        x = self.initial_noise(len(conditions), float(sigmas[0]), generator)
+        with self.progress_bar(total=num_inference_steps) as bar:
+            x = SAMPLERS[sampler](denoiser, x, sigmas, cond, guidance_scale, progress=bar)
+        return self.postprocess(x, conditions, output_type, return_dict)
