@@ -1,4 +1,7 @@
 """The inference layer: diffusers pipelines and components. Never imports training code."""
+# diffusers loads third-party components only from modules already imported: the networks
+# (gendistill.models, no training code) are imported here so every saved folder loads.
+import gendistill.models.networks  # noqa: F401
 from .audio import MelVocoder
 from .base import ConditionalPipeline, SamplesOutput
 from .teacher import TeacherPipeline
@@ -9,7 +12,9 @@ __all__ = ["ConditionalPipeline", "MelVocoder", "SamplesOutput", "TeacherPipelin
 
 
 def load_pipeline(path, **kwargs):
-    """Load any gendistill pipeline folder by the class named in its model_index.json."""
+    """Load a model folder: a gendistill pipeline by the class in its model_index.json, or any
+    diffusers pipeline with a ``unet`` and a ``scheduler`` (DDPM, DDIM, flow matching, EDM, ...)
+    wrapped as a ``TeacherPipeline``."""
     import json
     from pathlib import Path
 
@@ -18,7 +23,11 @@ def load_pipeline(path, **kwargs):
         raise FileNotFoundError(f"not a model folder (no model_index.json): {path}")
     name = json.loads(index.read_text()).get("_class_name")
     classes = {cls.__name__: cls for cls in (TeacherPipeline,)}
-    if name not in classes:
-        raise ValueError(f"{index}: unknown pipeline class {name!r} "
-                         f"(known: {', '.join(classes)})")
-    return classes[name].from_pretrained(path, **kwargs)
+    if name in classes:
+        return classes[name].from_pretrained(path, **kwargs)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
+        raise ValueError(f"{index}: {name} has no unet and scheduler to use as a teacher")
+    return TeacherPipeline(unet=pipe.unet, scheduler=pipe.scheduler)

@@ -1,0 +1,15 @@
+"""Teachers shipped inside the package, trained by the project's own configs (see Makefile)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def builtin_teacher(name: str) -> Path:
+    """The shipped teacher folder for a built-in dataset (``make teachers`` rebuilds them)."""
+    path = ASSETS / "teachers" / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no shipped teacher for {name!r} at {path}; train one with "
+                                f"`gendistill train configs/teacher/{name}.yaml`")
+    return path

@@ -1,0 +1,78 @@
+"""End to end through the ``gendistill`` command, in subprocesses as a user runs it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gendistill.cli import main
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "gendistill", *args], capture_output=True,
+                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gendistill {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def toy_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    run("train", "configs/teacher/toy2d.yaml", f"output_dir={out}", "train.max_steps=12",
+        "train.checkpoint_every=6", "train.batch_size=64", "network.width=32", "network.depth=2")
+    return out
+
+
+def test_train_writes_a_diffusers_folder_and_checkpoints(toy_teacher):
+    index = json.loads((toy_teacher / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == "TeacherPipeline"
+    assert index["scheduler"] == ["diffusers", "EDMEulerScheduler"]
+    assert (toy_teacher / "checkpoints" / "step-6" / "model" / "model_index.json").is_file()
+    assert any((toy_teacher / "logs").rglob("events.out.tfevents.*"))
+    assert json.loads((toy_teacher / "config.json").read_text())["train"]["max_steps"] == 12
+
+
+def test_resume_continues_from_the_checkpoint(toy_teacher):
+    proc = run("-v", "train", "configs/teacher/toy2d.yaml", f"output_dir={toy_teacher}",
+               "train.max_steps=15", "train.checkpoint_every=6", "train.batch_size=64",
+               "network.width=32", "network.depth=2", "train.resume=true")
+    assert "at step 6" in proc.stderr  # the newest checkpoint is step-6 (12 was the end)
+    assert json.loads((toy_teacher / "train_time.json").read_text())["steps"] == 15
+
+
+def test_generate_png_and_npz(toy_teacher, tmp_path):
+    model = toy_teacher / "model"
+    run("generate", str(model), "--num-samples", "5", "--steps", "3", "--out",
+        str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    run("generate", str(model), "--class", "2", "--num-samples", "6", "--steps", "3",
+        "--sampler", "euler", "--guidance", "2.0", "--out", str(tmp_path / "s.npz"))
+    arr = np.load(tmp_path / "s.npz")
+    assert arr["x"].shape == (6, 2) and arr["y"].tolist() == [2] * 6
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "configs/teacher/toy2d.yaml", "train.max_stepz=3"], "unknown key 'train.max_stepz'"),
+    (["train", "configs/teacher/toy2d.yaml", "seed=x"], "seed: expected int, got 'x'"),
+    (["train", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train", "configs/teacher/toy2d.yaml", "data.name=npz", "data.path=/no/such.npz"],
+     "data file not found: /no/such.npz"),
+    (["generate", "/no/model", "--out", "x.png"], "model folder not found: /no/model"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["train"], ["generate"], ["demo"]):
+        proc = run(*cmd, "--help")
+        assert "usage: gendistill" in proc.stdout
+
+
+def test_generate_rejects_class_out_of_range(toy_teacher, capsys):
+    assert main(["generate", str(toy_teacher / "model"), "--class", "9", "--out", "x.png"]) == 2
+    assert "class labels must be in [0, 3]" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+import pytest
+
+from gendistill.config import Config, ConfigError, load_config, parse_overrides
+
+CFG = "configs/teacher/digits.yaml"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(CFG, ["train.max_steps=7", "train.lr=1e-3", "seed=3", "output_dir=x",
+                            "network.channels=[8,16]", "train.resume=true", "data.path=null"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 1e-3 and cfg.seed == 3
+    assert cfg.output_dir == "x" and cfg.network.channels == [8, 16] and cfg.train.resume is True
+    assert cfg.data.path is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.max_step=5", "unknown key 'train.max_step'"),
+    ("nope=1", "unknown key 'nope'"),
+    ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
+    ("train.lr=fast", "train.lr: expected float"),
+    ("train.resume=maybe", "train.resume: expected bool"),
+    ("method=gan", "unknown method 'gan'"),
+    ("train=3", "train: expected a mapping"),
+    ("noequals", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        load_config(CFG, [override])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: nothere.yaml"):
+        load_config("nothere.yaml")
+
+
+def test_parse_overrides_yaml_values():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"},
+                                                               "d": [1, 2]}
+
+
+@pytest.mark.parametrize("name", ["toy2d", "digits", "synthsounds"])
+def test_shipped_teacher_configs_load(name):
+    cfg = load_config(f"configs/teacher/{name}.yaml")
+    assert cfg.method == "teacher" and cfg.data.name == name
