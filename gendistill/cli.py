@@ -5,6 +5,7 @@ Bad input (unknown config key, wrong type, missing file) prints one line naming 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -30,7 +31,11 @@ def cmd_train(args) -> int:
 
 
 def _load_model(path: str):
+    from diffusers.utils import logging as diffusers_logging
+
     from .pipelines import load_pipeline
+
+    diffusers_logging.disable_progress_bar()
 
     if not Path(path).is_dir():
         raise UsageError(f"model folder not found: {path}")
@@ -46,8 +51,14 @@ def cmd_generate(args) -> int:
     kwargs = {"num_inference_steps": args.steps} if args.steps else {}
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
-    if args.sampler:
-        kwargs["sampler"] = args.sampler
+    for flag, name, key in (("--sampler", "sampler", "sampler"), ("--gamma", "gamma", "gamma"),
+                            ("--nu", "nu", "nu")):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if key not in inspect.signature(type(pipe).__call__).parameters:
+            raise UsageError(f"{flag} does not apply to {type(pipe).__name__} models")
+        kwargs[key] = value
     classes = [args.class_label] if args.class_label is not None else None
     prompts = [args.prompt] if args.prompt is not None else None
     output = sample(pipe, classes, prompts, args.num_samples, args.seed, **kwargs)
@@ -88,9 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--prompt", metavar="TEXT", help="text prompt (text-conditional models)")
     g.add_argument("--num-samples", type=int, default=8, metavar="N",
                    help="samples per condition (default 8)")
-    g.add_argument("--steps", type=int, metavar="N", help="solver steps (teacher default 18)")
+    g.add_argument("--steps", type=int, metavar="N",
+                   help="solver steps (teacher default 18) or student jumps (CTM default 1)")
     g.add_argument("--guidance", type=float, metavar="W", help="CFG scale w (1 = none)")
     g.add_argument("--sampler", choices=["heun", "euler"], help="teacher ODE solver (heun)")
+    g.add_argument("--gamma", type=float, metavar="G",
+                   help="CTM gamma-sampling: 0 deterministic .. 1 consistency multistep")
+    g.add_argument("--nu", type=float, metavar="NU",
+                   help="CTM nu-interpolation between unconditional (0) and conditional (1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, metavar="PATH", help="output .png, .wav or .npz")
     g.set_defaults(func=cmd_generate)

@@ -64,15 +64,29 @@ class EDMConfig:
 
 
 @dataclass
+class CTMConfig:
+    """CTM / SoundCTM distillation (DESIGN.md section 4)."""
+
+    num_grid: int = 18             # N points of the Karras grid (40 at paper scale)
+    max_jump: int | None = None    # K, default N - 1
+    match_point: str = "zs"        # zs (SoundCTM) or z0 (CTM)
+    distance: str = "teacher_feature"  # teacher_feature, l2 or lpips
+    denoising_weight: float = 1.0  # w in front of the adaptive DSM term (0 turns it off)
+    guidance_min: float = 1.0      # CFG distillation: omega ~ U[min, max] per sample;
+    guidance_max: float = 1.0      # min = max = 1 trains an unguided student
+
+
+@dataclass
 class Config:
     method: str = "teacher"
     output_dir: str = "runs/teacher"
     seed: int = 0
-    teacher: str | None = None     # the teacher folder, for distillation methods
+    teacher: str | None = None     # teacher folder for distillation; unset: the shipped one
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    ctm: CTMConfig = field(default_factory=CTMConfig)
 
 
 def _type_name(tp) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from .pipelines.base import null_class
 from .plots import image_grid, save_scatter, save_spectrograms
 
 
@@ -15,7 +16,7 @@ def sample(pipe, class_labels=None, prompts=None, num_per_condition: int = 8, se
     """Run a pipeline for every condition given (all classes of a class-conditional pipeline
     when none is given); returns its SamplesOutput with raw latents and the conditions."""
     if pipe.conditioning == "class" and class_labels is None:
-        class_labels = list(range(pipe.network.config.num_class_embeds - 1))
+        class_labels = list(range(null_class(pipe.network)))
     if pipe.conditioning == "text" and prompts is None:
         raise ValueError("this model is text-conditional: give --prompt TEXT")
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -18,6 +18,22 @@ def data_loader(x, cond, batch_size: int, seed: int) -> DataLoader:
                       drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
+def load_teacher(cfg: Config):
+    """The teacher pipeline: ``teacher=PATH``, or the shipped one for a built-in dataset."""
+    from .assets import builtin_teacher
+    from .pipelines import load_pipeline
+
+    if cfg.teacher:
+        path = Path(cfg.teacher)
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"teacher: no model folder at {path} (no model_index.json)")
+    else:
+        path = builtin_teacher(cfg.data.name)
+    pipe = load_pipeline(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def run_training(cfg: Config) -> Path:
     from .training import train
 
@@ -27,6 +43,10 @@ def run_training(cfg: Config) -> Path:
         from .methods.teacher import TeacherTraining
 
         method = TeacherTraining(cfg, ds, null_cond)
+    elif cfg.method == "ctm":
+        from .methods.ctm import CTMTraining
+
+        method = CTMTraining(cfg, load_teacher(cfg), null_cond)
     else:
         raise ConfigError(f"method: {cfg.method!r} is not implemented")
     return train(cfg, method, data_loader(ds.x, cond, cfg.train.batch_size, cfg.seed))

@@ -2,12 +2,14 @@
 # diffusers loads third-party components only from modules already imported: the networks
 # (gendistill.models, no training code) are imported here so every saved folder loads.
 import gendistill.models.networks  # noqa: F401
+import gendistill.models.student  # noqa: F401
 from .audio import MelVocoder
 from .base import ConditionalPipeline, SamplesOutput
+from .ctm import CTMPipeline, CTMScheduler
 from .teacher import TeacherPipeline
 from .text import TextEncoder, load_text_encoder
 
-__all__ = ["ConditionalPipeline", "MelVocoder", "SamplesOutput", "TeacherPipeline", "load_pipeline",
+__all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "MelVocoder", "SamplesOutput", "TeacherPipeline", "load_pipeline",
            "TextEncoder", "load_text_encoder"]
 
 
@@ -22,7 +24,9 @@ def load_pipeline(path, **kwargs):
     if not index.is_file():
         raise FileNotFoundError(f"not a model folder (no model_index.json): {path}")
     name = json.loads(index.read_text()).get("_class_name")
-    classes = {cls.__name__: cls for cls in (TeacherPipeline,)}
+    if isinstance(name, list):  # saved with import shims: [module, class]
+        name = name[1]
+    classes = {cls.__name__: cls for cls in (TeacherPipeline, CTMPipeline)}
     if name in classes:
         return classes[name].from_pretrained(path, **kwargs)
     from diffusers import DiffusionPipeline

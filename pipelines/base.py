@@ -24,8 +24,14 @@ class SamplesOutput(BaseOutput):
     sample_rate: int | None = None
 
 
+def base_config(net):
+    """The config of the diffusers-style network itself (a CTM student wraps one)."""
+    inner = getattr(net, "network", None)
+    return inner.config if inner is not None else net.config
+
+
 def network_sample_shape(net) -> tuple[int, ...]:
-    cfg = net.config
+    cfg = base_config(net)
     if hasattr(cfg, "in_dim"):
         return (cfg.in_dim,)
     size = cfg.sample_size
@@ -35,7 +41,7 @@ def network_sample_shape(net) -> tuple[int, ...]:
 
 def null_class(net) -> int | None:
     """Class-conditional networks carry one extra embedding, the null class, at the end."""
-    n = getattr(net.config, "num_class_embeds", None)
+    n = getattr(base_config(net), "num_class_embeds", None)
     return n - 1 if n else None
 
 
@@ -43,6 +49,19 @@ class ConditionalPipeline(DiffusionPipeline):
     """Base for pipelines whose network takes class labels or prompt token states."""
 
     network_name = "unet"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Folders saved with their import shims (see ``remote.py``) load without
+        ``trust_remote_code`` when every shim is exactly ours; anything else must opt in."""
+        from pathlib import Path
+
+        from .remote import shims_are_ours
+
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / "model_index.json").is_file() and shims_are_ours(folder):
+            kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def network(self):

@@ -1,0 +1,190 @@
+"""Consistency Trajectory Models (Kim et al. 2024) with SoundCTM's choices (Saito et al. 2025).
+
+The student G(x_t, t, s) learns to jump along the teacher's probability-flow ODE:
+
+  L_CTM = d( G_theta(x_t, t, s),  G_theta-(Heun_k(x_t: t -> u), u, s) ),  t = s_i, u = s_{i+k}, s = s_j
+  L     = L_CTM + w * lambda_DSM * lambda(sigma) ||g_theta(x_sigma, sigma, sigma) - x_0||^2
+
+with theta- the EMA of theta, k ~ P(k) ∝ k, the distance d measured in the teacher's feature space
+(SoundCTM, default) or in l2, at time s ("zs", SoundCTM) or after mapping both to sigma_min with
+the EMA student ("z0", CTM). See DESIGN.md section 4.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+from ..data.conditioning import drop_conditions
+from ..diffusion import (Denoiser, EDMDenoiser, append_dims, edm_loss_weight, heun_step,
+                         karras_sigmas, sample_half_lognormal)
+from ..models.student import CTMStudent
+
+
+@dataclass
+class CTMTimes:
+    i: torch.Tensor  # t = grid[i]
+    k: torch.Tensor  # u = grid[i + k]: k teacher Heun steps
+    j: torch.Tensor  # s = grid[j], j >= i + k
+
+
+def sample_ctm_times(n: int, num_grid: int, max_jump: int | None = None, device=None,
+                     generator: torch.Generator | None = None) -> CTMTimes:
+    """k in {1..K} with P(k) ∝ k; i ~ U{0..N-1-k}; j ~ U{i+k..N-1}."""
+    max_jump = num_grid - 1 if max_jump is None else max_jump
+    if not 1 <= max_jump <= num_grid - 1:
+        raise ValueError(f"max_jump must be in [1, {num_grid - 1}], got {max_jump}")
+    weights = torch.arange(1, max_jump + 1, dtype=torch.float)
+    k = torch.multinomial(weights, n, replacement=True, generator=generator) + 1
+    i = (torch.rand(n, generator=generator) * (num_grid - k)).long()
+    j = i + k + (torch.rand(n, generator=generator) * (num_grid - i - k)).long()
+    return CTMTimes(i.to(device), k.to(device), j.to(device))
+
+
+@torch.no_grad()
+def teacher_solve(teacher: Denoiser, x: torch.Tensor, grid: torch.Tensor, start: torch.Tensor,
+                  steps: torch.Tensor, cond=None, guidance=1.0) -> torch.Tensor:
+    """Heun from grid[start] down to grid[start + steps], per sample; only rows still moving
+    are sent through the teacher."""
+    x = x.clone()
+    per_sample_guidance = torch.is_tensor(guidance)
+    for m in range(int(steps.max())):
+        rows = (steps > m).nonzero().flatten()
+        idx = start[rows] + m
+        x[rows] = heun_step(teacher, x[rows], grid[idx], grid[idx + 1],
+                            None if cond is None else cond[rows],
+                            guidance[rows] if per_sample_guidance else guidance)
+    return x
+
+
+def normalized_feature_distance(feats_a, feats_b) -> torch.Tensor:
+    """Sum over layers of the mean squared difference of channel-normalised features, per sample."""
+    total = 0.0
+    for a, b in zip(feats_a, feats_b):
+        a = a / (a.norm(dim=1, keepdim=True) + 1e-8)
+        b = b / (b.norm(dim=1, keepdim=True) + 1e-8)
+        total = total + ((a - b) ** 2).flatten(1).mean(1)
+    return total
+
+
+def teacher_feature_distance(teacher: Denoiser, estimate, target, sigma, cond=None):
+    """SoundCTM's distance: both inputs through the frozen teacher at noise level sigma."""
+    with torch.no_grad():
+        target_feats = teacher.features(target, sigma, cond)
+    return normalized_feature_distance(teacher.features(estimate, sigma, cond), target_feats)
+
+
+def l2_distance(estimate, target) -> torch.Tensor:
+    return ((estimate - target) ** 2).flatten(1).mean(1)
+
+
+def lpips_distance(estimate, target) -> torch.Tensor:
+    try:
+        from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity
+    except ImportError as e:  # pragma: no cover - depends on the optional extra
+        raise ConfigError("ctm.distance=lpips needs the lpips weights (pip install lpips)") from e
+    rgb = lambda x: x.clamp(-1, 1).expand(-1, 3, -1, -1)  # noqa: E731
+    return learned_perceptual_image_patch_similarity(rgb(estimate), rgb(target), net_type="vgg",
+                                                     reduction="none")
+
+
+def adaptive_weight(loss_main: torch.Tensor, loss_aux: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e3) -> torch.Tensor:
+    """||grad_last L_main|| / (||grad_last L_aux|| + 1e-4), clamped to [0, max], no gradient."""
+    g_main = torch.autograd.grad(loss_main, last_layer, retain_graph=True)[0]
+    g_aux = torch.autograd.grad(loss_aux, last_layer, retain_graph=True)[0]
+    return (g_main.norm() / (g_aux.norm() + 1e-4)).clamp(0, max_weight).detach()
+
+
+def dsm_loss(student, x0, cond=None, sigma_data: float = 0.5) -> torch.Tensor:
+    """lambda(sigma) ||g(x_sigma, sigma, sigma) - x_0||^2, sigma from the half-lognormal sampler."""
+    sigma = sample_half_lognormal(x0.shape[0], device=x0.device)
+    x = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+    denoised = student(x, sigma, sigma, cond, None, return_denoised=True)
+    err = ((denoised - x0) ** 2).flatten(1).mean(1)
+    return (edm_loss_weight(sigma, sigma_data) * err).mean()
+
+
+class CTMTraining:
+    """Builds the student from the teacher and computes the CTM + DSM loss for the loop."""
+
+    def __init__(self, cfg: Config, teacher_pipe, null_cond):
+        c = cfg.ctm
+        if c.match_point not in ("zs", "z0"):
+            raise ConfigError(f"ctm.match_point: expected zs or z0, got {c.match_point!r}")
+        if c.distance not in ("teacher_feature", "l2", "lpips"):
+            raise ConfigError(f"ctm.distance: expected teacher_feature, l2 or lpips, got "
+                              f"{c.distance!r}")
+        if not 1.0 <= c.guidance_min <= c.guidance_max:
+            raise ConfigError(f"ctm.guidance_min/max: need 1 <= min <= max, got "
+                              f"{c.guidance_min}, {c.guidance_max}")
+        self.cfg, self.teacher_pipe, self.null_cond = cfg, teacher_pipe, null_cond
+        teacher = teacher_pipe.denoiser()
+        if not isinstance(teacher, EDMDenoiser):
+            raise ConfigError(f"teacher: CTM students start from the teacher's weights and need "
+                              f"an EDM-preconditioned teacher, got {type(teacher).__name__}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.distill_guidance = c.guidance_max > 1.0
+        self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
+                                             embed_guidance=self.distill_guidance)
+        self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
+        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.train.lr)
+        self.ema = None  # the loop's EMA: theta-, the target network
+
+    def distance(self, estimate, target, sigma, cond):
+        name = self.cfg.ctm.distance
+        if name == "teacher_feature":
+            return teacher_feature_distance(self.teacher, estimate, target, sigma, cond)
+        if name == "l2":
+            return l2_distance(estimate, target)
+        return lpips_distance(estimate, target)
+
+    def loss(self, batch, step):
+        c = self.cfg.ctm
+        x0, cond = batch if len(batch) == 2 else (batch[0], None)
+        device, n = x0.device, x0.shape[0]
+        self.teacher.to(device)
+        grid = self.grid.to(device)
+        if cond is not None:
+            cond = drop_conditions(cond, self.null_cond, self.cfg.train.cond_dropout)
+        guidance = None
+        if self.distill_guidance:
+            guidance = torch.empty(n, device=device).uniform_(c.guidance_min, c.guidance_max)
+
+        times = sample_ctm_times(n, c.num_grid, c.max_jump, device=device)
+        t, u, s = grid[times.i], grid[times.i + times.k], grid[times.j]
+        x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
+        target_net = self.ema.model
+        with torch.no_grad():
+            x_u = teacher_solve(self.teacher, x_t, grid, times.i, times.k, cond,
+                                1.0 if guidance is None else guidance)
+            target = target_net(x_u, u, s, cond, guidance)
+        estimate = self.model(x_t, t, s, cond, guidance)
+        level = s
+        if c.match_point == "z0":
+            level = torch.full_like(s, self.teacher.sigma_min)
+            estimate = target_net(estimate, s, level, cond, guidance)  # grads through input only
+            with torch.no_grad():
+                target = target_net(target, s, level, cond, guidance)
+        loss_ctm = self.distance(estimate, target, level, cond).mean()
+        logs = {"ctm": loss_ctm.detach()}
+        if c.denoising_weight <= 0:
+            return loss_ctm, logs
+        loss_dsm = dsm_loss(self.model, x0, cond, self.teacher.sigma_data)
+        student = getattr(self.model, "module", self.model)
+        weight = adaptive_weight(loss_ctm, loss_dsm, student.last_layer)
+        logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)
+        return loss_ctm + c.denoising_weight * weight * loss_dsm, logs
+
+    def export(self, student: CTMStudent, folder: Path):
+        from ..pipelines import CTMPipeline, CTMScheduler
+        from ..pipelines.remote import save_with_remote_code
+
+        scheduler = CTMScheduler(sigma_min=self.teacher.sigma_min,
+                                 sigma_max=self.teacher.sigma_max)
+        pipe = CTMPipeline(unet=student, scheduler=scheduler,
+                           vocoder=getattr(self.teacher_pipe, "vocoder", None),
+                           text_encoder_name=self.teacher_pipe.config.text_encoder_name)
+        save_with_remote_code(pipe, folder)

@@ -1,0 +1,112 @@
+"""The CTM student G(x_t, t, s): a teacher network with extra embeddings for s and omega.
+
+G(x_t, t, s) = (s / t) x_t + (1 - s / t) g(x_t, t, s), where g is the EDM denoiser form at noise
+level t of the network; s (and, with CFG distillation, the guidance scale omega) enter through
+their own embedding MLPs added to the network's time embedding (DESIGN.md section 4). Their last
+layers start at zero, so a student built from a teacher network is exactly that teacher at
+step 0: g(x, t, s) = D_teacher(x, t).
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MIN, append_dims, edm_scalings
+from ..diffusion.teachers import call_network, feature_modules
+from .networks import MLPNet
+
+NETWORK_CLASSES = {c.__name__: c for c in (UNet2DModel, UNet2DConditionModel, MLPNet)}
+
+
+def zero_init_embedding(dim_in: int, dim: int) -> TimestepEmbedding:
+    emb = TimestepEmbedding(dim_in, dim)
+    nn.init.zeros_(emb.linear_2.weight)
+    nn.init.zeros_(emb.linear_2.bias)
+    return emb
+
+
+class CTMStudent(ModelMixin, ConfigMixin):
+    """G(x_t, t, s, cond, omega) around a diffusers UNet or an MLPNet (``network``)."""
+
+    @register_to_config
+    def __init__(self, network_class: str, network_config: dict, sigma_data: float = SIGMA_DATA,
+                 sigma_min: float = SIGMA_MIN, embed_guidance: bool = False,
+                 embedding_channels: int = 64):
+        super().__init__()
+        if network_class not in NETWORK_CLASSES:
+            raise ValueError(f"unsupported student network {network_class!r} "
+                             f"(known: {', '.join(NETWORK_CLASSES)})")
+        self.network = NETWORK_CLASSES[network_class].from_config(network_config)
+        dim = self.network.time_embedding.linear_2.out_features
+        self.s_proj = Timesteps(embedding_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.s_embedding = zero_init_embedding(embedding_channels, dim)
+        if embed_guidance:
+            self.guidance_proj = Timesteps(embedding_channels, flip_sin_to_cos=True,
+                                           downscale_freq_shift=0)
+            self.guidance_embedding = zero_init_embedding(embedding_channels, dim)
+        self._extra_embedding = None
+        # the extra embeddings join the network's own time embedding, wherever it is used
+        self.network.time_embedding.register_forward_hook(self._add_extra_embedding)
+
+    @classmethod
+    def from_teacher(cls, network: nn.Module, sigma_data: float, sigma_min: float,
+                     embed_guidance: bool) -> "CTMStudent":
+        """A student whose network starts as a copy of the teacher network's weights."""
+        student = cls(type(network).__name__, dict(network.config), sigma_data, sigma_min,
+                      embed_guidance)
+        student.network.load_state_dict(network.state_dict())
+        return student
+
+    def _add_extra_embedding(self, _module, _inputs, output):
+        return output if self._extra_embedding is None else output + self._extra_embedding
+
+    @property
+    def has_guidance(self) -> bool:
+        return self.config.embed_guidance
+
+    def extra_embedding(self, s: torch.Tensor, guidance=None) -> torch.Tensor:
+        # s = 0 (the final jump) shares the embedding of sigma_min
+        s_noise = s.clamp_min(self.config.sigma_min).log() / 4
+        emb = self.s_embedding(self.s_proj(s_noise).to(self.dtype))
+        if self.has_guidance:
+            w = torch.as_tensor(1.0 if guidance is None else guidance, device=s.device,
+                                dtype=s.dtype).expand(s.shape[0])
+            emb = emb + self.guidance_embedding(self.guidance_proj(1000 * w).to(self.dtype))
+        return emb
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond=None,
+                guidance=None) -> torch.Tensor:
+        """g(x_t, t, s): the EDM denoiser form at noise level t."""
+        c_skip, c_out, c_in, c_noise = edm_scalings(t, self.config.sigma_data)
+        self._extra_embedding = self.extra_embedding(s, guidance)
+        try:
+            raw = call_network(self.network, append_dims(c_in, x.ndim) * x, c_noise, cond)
+        finally:
+            self._extra_embedding = None
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * raw
+
+    def forward(self, x: torch.Tensor, t, s, cond=None, guidance=None,
+                return_denoised: bool = False) -> torch.Tensor:
+        """G(x_t, t, s) = (s/t) x_t + (1 - s/t) g(x_t, t, s); G(x, t, t) = x.
+
+        ``return_denoised`` gives g itself (for the DSM term), still through ``forward`` so that
+        wrappers such as DDP see every call.
+        """
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        s = torch.as_tensor(s, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        denoised = self.denoise(x, t, s, cond, guidance)
+        if return_denoised:
+            return denoised
+        ratio = append_dims(s / t, x.ndim)
+        return ratio * x + (1 - ratio) * denoised
+
+    def feature_modules(self) -> list[nn.Module]:
+        return feature_modules(self.network)
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The weight of the network's output layer (for CTM's adaptive DSM weight)."""
+        return self.network.conv_out.weight

@@ -1,0 +1,111 @@
+"""CTMScheduler (Karras grid + gamma-sampling) and CTMPipeline (1-step and few-step sampling).
+
+gamma-sampling (Kim et al. 2024, Algorithm 2) over a grid t_0 > ... > t_n of n + 1 points:
+  s_k = sqrt(1 - gamma^2) (t_{k+1} - sigma_min) + sigma_min;  x <- G(x, t_k, s_k);
+  and before the next jump, x <- x + sqrt(t_{k+1}^2 - s_k^2) z.
+gamma = 0 is deterministic (pure jumps along the ODE); gamma = 1 is consistency-model multistep.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import SchedulerMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils.torch_utils import randn_tensor
+
+from gendistill.diffusion.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
+
+from .base import ConditionalPipeline
+
+
+class CTMScheduler(SchedulerMixin, ConfigMixin):
+    """Owns the Karras grid of the sampler and the gamma-step."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(self, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                 rho: float = RHO, gamma: float = 0.0):
+        self.sigmas = karras_sigmas(2, sigma_min, sigma_max, rho)
+        self.gamma = gamma
+
+    def set_timesteps(self, num_inference_steps: int = 1, gamma: float | None = None,
+                      device=None):
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        gamma = self.config.gamma if gamma is None else gamma
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        cfg = self.config
+        self.gamma = gamma
+        self.sigmas = karras_sigmas(num_inference_steps + 1, cfg.sigma_min, cfg.sigma_max,
+                                    cfg.rho, device=device)
+        self.timesteps = torch.arange(num_inference_steps, device=device)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas[0])
+
+    def jump(self, k: int) -> tuple[float, float]:
+        """(t_k, s_k): where the k-th jump starts and where it lands."""
+        sigma_min = self.config.sigma_min
+        t, t_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
+        s = math.sqrt(1 - self.gamma ** 2) * (t_next - sigma_min) + sigma_min
+        return t, s
+
+    def step(self, jumped: torch.Tensor, k: int, generator=None) -> torch.Tensor:
+        """Renoise the jump's result x_{s_k} up to t_{k+1} (nothing after the last jump)."""
+        if k + 1 >= len(self.sigmas) - 1:
+            return jumped
+        _t, s = self.jump(k)
+        t_next = float(self.sigmas[k + 1])
+        noise_std = math.sqrt(max(t_next ** 2 - s ** 2, 0.0))
+        if noise_std == 0:
+            return jumped
+        z = randn_tensor(jumped.shape, generator=generator, device=jumped.device,
+                         dtype=jumped.dtype)
+        return jumped + noise_std * z
+
+
+class CTMPipeline(ConditionalPipeline):
+    """One network call per step: x <- G(x, t, s) with gamma-sampling and nu-interpolation."""
+
+    model_cpu_offload_seq = "unet"
+    _optional_components = ["vocoder"]
+
+    def __init__(self, unet, scheduler: CTMScheduler, vocoder=None,
+                 text_encoder_name: str | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder)
+        self.register_to_config(text_encoder_name=text_encoder_name)
+
+    def jump(self, x, t, s, cond, guidance, nu: float):
+        """nu-interpolation G_null + nu (G_c - G_null), both branches in one batched call."""
+        if cond is None or nu == 1.0:
+            return self.unet(x, t, s, cond, guidance)
+        null = self.null_condition().expand(cond.shape[0], *cond.shape[1:])
+        both = self.unet(torch.cat([x, x]), t, s, torch.cat([null, cond]), guidance)
+        g_null, g_cond = both.chunk(2)
+        return g_null + nu * (g_cond - g_null)
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
+                 num_per_condition: int = 1, num_inference_steps: int = 1, gamma: float = 0.0,
+                 guidance_scale: float | None = None, nu: float = 1.0, generator=None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """``guidance_scale`` (omega) is a student input; default 3.5 for CFG-distilled students."""
+        if guidance_scale is None:
+            guidance_scale = 3.5 if self.unet.has_guidance else 1.0
+        elif not self.unet.has_guidance and guidance_scale != 1.0:
+            raise ValueError("this student was not CFG-distilled: guidance_scale must be 1")
+        cond, conditions = self.prepare_conditions(class_labels, prompt, batch_size,
+                                                   num_per_condition)
+        if nu != 1.0 and cond is None:
+            raise ValueError("nu-interpolation needs a conditional student")
+        self.scheduler.set_timesteps(num_inference_steps, gamma, device=self.device)
+        x = self.initial_noise(len(conditions), self.scheduler.init_noise_sigma, generator)
+        for k in self.progress_bar(range(num_inference_steps)):
+            t, s = self.scheduler.jump(k)
+            x = self.scheduler.step(self.jump(x, t, s, cond, guidance_scale, nu), k, generator)
+        return self.postprocess(x, conditions, output_type, return_dict)
