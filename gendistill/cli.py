@@ -1,4 +1,4 @@
-"""The ``gendistill`` command: train, generate, demo.
+"""The ``gendistill`` command: train, generate, evaluate, train-classifier, demo.
 
 Bad input (unknown config key, wrong type, missing file) prints one line naming it and exits 2.
 """
@@ -68,6 +68,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .eval.evaluate import _check_dataset, evaluate_pipeline, summary_line
+
+    _check_dataset(args.dataset)
+    if args.num_samples is not None and args.num_samples < 2:
+        raise UsageError(f"--num-samples must be >= 2, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    pipe = _load_model(args.model_dir)
+    kwargs = {"num_inference_steps": args.steps} if args.steps else {}
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    if args.sampler:
+        kwargs["sampler"] = args.sampler
+    result = evaluate_pipeline(pipe, args.dataset, args.num_samples, args.seed,
+                               batch_size=args.batch_size,
+                               inception_weights=args.inception_weights,
+                               vggish_weights=args.vggish_weights, clap_model=args.clap_model,
+                               progress=not args.no_progress, **kwargs)
+    result = {"model": str(args.model_dir), **result}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary_line(result))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    import json
+
+    from .eval.classifier import train_classifier
+
+    folder = train_classifier(args.name, out_dir=args.out, epochs=args.epochs, seed=args.seed,
+                              progress=not args.no_progress)
+    cfg = json.loads((folder / "config.json").read_text())
+    print(f"{args.name} classifier: test accuracy {cfg['test_accuracy']:.4f} "
+          f"(train {cfg['train_accuracy']:.4f})")
+    print(f"saved {folder}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .eval.bench import run_bench
+
+    run_bench(args.preset, Path(args.out), quick=args.quick, cache_dir=Path(args.cache))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -110,6 +161,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, metavar="PATH", help="output .png, .wav or .npz")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="score a model folder on a built-in dataset -> JSON",
+                       description="Generate samples spread evenly over the dataset's conditions "
+                       "and score them: toy2d -> sliced W2 + RBF-MMD vs the true distribution; "
+                       "digits -> domain FID vs the test split + conditional accuracy; "
+                       "synthsounds -> domain FAD + conditional accuracy (test captions). NFE "
+                       "is counted from real network calls.")
+    e.add_argument("model_dir", help="a model folder (gendistill train output or diffusers)")
+    e.add_argument("--dataset", required=True, metavar="NAME", help="toy2d, digits or synthsounds")
+    e.add_argument("--num-samples", type=int, metavar="N", help="samples in all (default: "
+                   "toy2d 2000, digits 1000, synthsounds 384)")
+    e.add_argument("--steps", type=int, metavar="N", help="sampling steps (pipeline default)")
+    e.add_argument("--guidance", type=float, metavar="W", help="CFG scale w (1 = none)")
+    e.add_argument("--sampler", choices=["heun", "euler"], help="teacher ODE solver (heun)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="samples per pipeline call (default 256)")
+    e.add_argument("--inception-weights", metavar="FILE", help="digits: also standard "
+                   "Inception FID with this torch-fidelity Inception weights file")
+    e.add_argument("--vggish-weights", metavar="FILE", help="synthsounds: also FAD with a "
+                   "VGGish state_dict (.pt / .pth / .safetensors)")
+    e.add_argument("--clap-model", metavar="DIR", help="synthsounds: also FAD with a "
+                   "transformers CLAP checkpoint folder")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--out", required=True, metavar="PATH", help="results .json")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("train-classifier", help="train a domain classifier for the metrics",
+                       description="Train the small CNN behind domain FID / FAD and conditional "
+                       "accuracy on a built-in dataset's train split; report its test accuracy. "
+                       "Writes gendistill/assets/classifiers/NAME unless --out is given.")
+    c.add_argument("name", help="digits or synthsounds")
+    c.add_argument("--epochs", type=int, metavar="N", help="training epochs (recipe default)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", metavar="DIR", help="output folder (default: the shipped asset)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_train_classifier)
+
+    b = sub.add_parser("bench", help="train/reuse teacher + students of a preset, measure all",
+                       description="Train (or reuse, cached by config hash) the preset's teacher "
+                       "and students, evaluate every row in one process, and write results.json, "
+                       "results.md and plots into --out.")
+    b.add_argument("preset", choices=["toy2d", "digits", "synthsounds"])
+    b.add_argument("--quick", action="store_true",
+                   help="short trainings and fewer samples (a few minutes on a CPU)")
+    b.add_argument("--out", required=True, metavar="DIR", help="results folder")
+    b.add_argument("--cache", default="runs/bench-cache", metavar="DIR",
+                   help="where trained models are cached (default runs/bench-cache)")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job: digits teacher -> samples/",
                        description="Load the shipped digits teacher (or --retrain it) and write "

@@ -1,0 +1,237 @@
+"""``gendistill bench PRESET``: teacher and students trained (or reused) and measured in one run.
+
+Each preset names its dataset, its teacher config and the students to distil; every row is one
+(model, sampling) pair. Quality (the dataset's score), faithfulness to the condition and speed
+are measured in the same process, and ``speedup`` / ``score_ratio`` are relative to the teacher's
+Heun row. Trained models are cached under ``cache_dir/<name>-<hash of the resolved config>``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import REPO_ROOT, load_config, to_dict
+
+
+@dataclass
+class Student:
+    config: str                     # relative to the repository root
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    source: str                     # "teacher" or a key of Preset.students
+    call: dict
+
+
+@dataclass
+class Preset:
+    dataset: str
+    teacher_config: str
+    students: dict[str, Student]
+    rows: list[Row]
+    num_samples: int
+    quick_num_samples: int
+    quick_overrides: list[str]      # applied to every training in --quick
+    full_overrides: list[str] = field(default_factory=list)
+    timing_batch: int = 64
+
+
+def _teacher_rows(steps: int) -> list[Row]:
+    return [Row("teacher", "heun", "teacher", {"num_inference_steps": steps, "sampler": "heun"}),
+            Row("teacher", "euler-1", "teacher", {"num_inference_steps": 1, "sampler": "euler"})]
+
+
+def _ctm_rows() -> list[Row]:
+    return [Row("ctm-1", "ctm", "ctm", {"num_inference_steps": 1}),
+            Row("ctm-2", "ctm", "ctm", {"num_inference_steps": 2, "gamma": 0.0}),
+            Row("ctm-4-g0.5", "ctm", "ctm", {"num_inference_steps": 4, "gamma": 0.5}),
+            Row("ctm-1-l2", "ctm", "ctm-l2", {"num_inference_steps": 1})]
+
+
+PRESETS = {
+    "toy2d": Preset(
+        dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
+        students={"ctm": Student("configs/ctm/toy2d.yaml"),
+                  "ctm-l2": Student("configs/ctm/toy2d.yaml", ["ctm.distance=l2"])},
+        rows=_teacher_rows(18) + _ctm_rows(), num_samples=4000, quick_num_samples=1000,
+        quick_overrides=["train.max_steps=300"], timing_batch=256),
+    "digits": Preset(
+        dataset="digits", teacher_config="configs/teacher/digits.yaml",
+        students={"ctm": Student("configs/ctm/digits.yaml"),
+                  "ctm-l2": Student("configs/ctm/digits.yaml", ["ctm.distance=l2"])},
+        rows=_teacher_rows(18) + _ctm_rows(), num_samples=1000, quick_num_samples=300,
+        quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
+    "synthsounds": Preset(
+        dataset="synthsounds", teacher_config="configs/teacher/synthsounds.yaml",
+        students={}, rows=_teacher_rows(18), num_samples=384, quick_num_samples=96,
+        quick_overrides=["train.max_steps=200"], timing_batch=16),
+}
+
+
+def config_hash(cfg) -> str:
+    values = to_dict(cfg)
+    values.pop("output_dir")
+    values["train"].pop("resume")
+    if values.get("teacher"):
+        weights = sorted(Path(values["teacher"]).rglob("*.safetensors"))
+        values["teacher"] = [hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in weights]
+    blob = json.dumps(values, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, log) -> Path:
+    """Train once per resolved config; later runs with the same config reuse the folder."""
+    from ..train import run_training
+
+    cfg = load_config(REPO_ROOT / config, overrides)
+    folder = cache_dir / f"{name}-{config_hash(cfg)}"
+    model = folder / "model"
+    if (model / "model_index.json").is_file():
+        log(f"{name}: reusing {model}")
+        return model
+    cfg.output_dir = str(folder)
+    log(f"{name}: training {config} {' '.join(overrides)} -> {model}")
+    return run_training(cfg)
+
+
+def teacher_folder(preset: Preset, quick: bool, cache_dir: Path, log) -> Path:
+    """The shipped teacher when the package has one (it is this config's output), else trained."""
+    from ..assets import ASSETS
+
+    shipped = ASSETS / "teachers" / preset.dataset
+    if (shipped / "model_index.json").is_file():
+        log(f"teacher: shipped {shipped}")
+        return shipped
+    extra = preset.quick_overrides if quick else preset.full_overrides
+    return train_cached("teacher", preset.teacher_config, extra, cache_dir, log)
+
+
+def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> float:
+    """Median milliseconds per sample of one pipeline call on a batch of ``conditions``."""
+    from ..generate import sample
+
+    text = isinstance(conditions[0], str)
+    args = (None, conditions) if text else (conditions, None)
+    sample(pipe, *args, 1, 0, **call)  # warm-up
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        sample(pipe, *args, 1, r, **call)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / len(conditions)
+
+
+def run_bench(preset: str | Preset, out: Path, quick: bool = False,
+              cache_dir: Path = Path("runs/bench-cache"), repeats: int = 5, log=print) -> dict:
+    """Train or reuse every model of ``preset`` (a name of PRESETS, or a Preset), evaluate
+    each row, and write results.json, results.md and the plots into ``out``."""
+    from ..data import load_dataset
+    from ..pipelines import load_pipeline
+    from .evaluate import evaluate_pipeline
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        preset_name, preset = preset, PRESETS[preset]
+    else:
+        preset_name = preset.dataset
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) / preset_name
+    torch.manual_seed(0)
+    start = time.time()
+
+    folders = {"teacher": teacher_folder(preset, quick, cache_dir, log)}
+    train_seconds = {}
+    for key, student in preset.students.items():
+        extra = student.overrides + (preset.quick_overrides if quick else preset.full_overrides)
+        folders[key] = train_cached(key, student.config,
+                                    extra + [f"teacher={folders['teacher']}"], cache_dir, log)
+        timing = folders[key].parent / "train_time.json"
+        if timing.is_file():
+            train_seconds[key] = json.loads(timing.read_text())["seconds"]
+
+    test = load_dataset(preset.dataset, "test")
+    timing_conditions = (test.captions if test.captions else test.y.tolist())[:preset.timing_batch]
+    num_samples = preset.quick_num_samples if quick else preset.num_samples
+    pipes, rows, samples = {}, [], {}
+    for row in preset.rows:
+        if row.source not in pipes:
+            pipes[row.source] = load_pipeline(folders[row.source])
+            pipes[row.source].set_progress_bar_config(disable=True)
+        pipe = pipes[row.source]
+        log(f"{row.model} ({row.method}): evaluating {num_samples} samples")
+        with torch.no_grad():
+            result = evaluate_pipeline(pipe, preset.dataset, num_samples, seed=0,
+                                       progress=False, **row.call)
+            ms = time_pipeline(pipe, timing_conditions, row.call, repeats)
+        rows.append({
+            "model": row.model, "method": row.method,
+            "params": sum(p.numel() for p in pipe.unet.parameters()),
+            "nfe": int(round(result["nfe"])), "ms_per_sample": round(ms, 4),
+            "speedup": None, "score_name": result["score_name"],
+            "score": round(float(result["score"]), 5), "score_ratio": None,
+            "cond_acc": None if result["cond_acc"] is None else round(result["cond_acc"], 4),
+            "call": row.call, "score_floor": result.get("score_floor"),
+        })
+        samples[f"{row.model}/{row.method}"] = (pipe, row.call)
+    base = next(r for r in rows if r["model"] == "teacher" and r["method"] == "heun")
+    for r in rows:
+        r["speedup"] = round(base["ms_per_sample"] / r["ms_per_sample"], 2)
+        r["score_ratio"] = round(r["score"] / base["score"], 4) if base["score"] else None
+
+    results = {
+        "preset": preset_name, "quick": quick,
+        "device": f"{'cuda' if torch.cuda.is_available() else 'cpu'} "
+                  f"({platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} threads)",
+        "num_samples": num_samples, "timing_batch": preset.timing_batch, "repeats": repeats,
+        "train_seconds": train_seconds,
+        "models": {k: str(v) for k, v in folders.items()},
+        "rows": rows, "seconds": round(time.time() - start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    from .bench_plots import plot_bench
+
+    plot_bench(preset, samples, rows, out)
+    log(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['seconds']}s)")
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    rows = results["rows"]
+    score_name = rows[0]["score_name"]
+    lines = [
+        f"# Benchmark: {results['preset']}{' (quick)' if results['quick'] else ''}",
+        "",
+        f"Device: {results['device']}. Scores on {results['num_samples']} samples; speed is the "
+        f"median of {results['repeats']} calls at batch {results['timing_batch']}. "
+        f"`speedup` and `score_ratio` are relative to the teacher's Heun row "
+        f"(lower {score_name} is better).",
+        "",
+        f"| model | method | params | NFE | ms/sample | speedup | {score_name} | ratio | cond acc |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        acc = "–" if r["cond_acc"] is None else f"{100 * r['cond_acc']:.1f} %"
+        lines.append(f"| {r['model']} | {r['method']} | {r['params']:,} | {r['nfe']} | "
+                     f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}× | {r['score']:.4g} | "
+                     f"{r['score_ratio']:.3g} | {acc} |")
+    floor = rows[0].get("score_floor")
+    if floor is not None:
+        lines += ["", f"Reference: {score_name} of real data against real data = {floor:.4g}."]
+    if results["train_seconds"]:
+        lines += ["", "Training time: " + ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in results["train_seconds"].items()) + "."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,64 @@
+"""The benchmark harness end to end on a tiny preset (tiny teacher, tiny CTM student)."""
+import json
+
+import pytest
+
+from gendistill.eval.bench import PRESETS, Preset, Row, Student, results_markdown, run_bench
+
+
+@pytest.mark.slow
+def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
+    import gendistill.eval.bench as bench
+
+    monkeypatch.setattr(bench, "teacher_folder", lambda preset, quick, cache, log:
+                        bench.train_cached("teacher", preset.teacher_config,
+                                           preset.quick_overrides + ["network.width=32",
+                                                                     "network.depth=2"],
+                                           cache, log))
+    preset = Preset(
+        dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
+        students={"ctm": Student("configs/ctm/toy2d.yaml", ["ctm.num_grid=6"])},
+        rows=[Row("teacher", "heun", "teacher", {"num_inference_steps": 6, "sampler": "heun"}),
+              Row("teacher", "euler-1", "teacher", {"num_inference_steps": 1, "sampler": "euler"}),
+              Row("ctm-1", "ctm", "ctm", {"num_inference_steps": 1})],
+        num_samples=200, quick_num_samples=200, quick_overrides=["train.max_steps=8",
+                                                                 "train.batch_size=32"],
+        timing_batch=16)
+    logs = []
+    res = run_bench(preset, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache",
+                    repeats=2, log=logs.append)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"] == res["rows"]
+    keys = {"model", "method", "params", "nfe", "ms_per_sample", "speedup", "score_name",
+            "score", "score_ratio", "cond_acc"}
+    for row in saved["rows"]:
+        assert keys <= set(row)
+    heun, euler, ctm = saved["rows"]
+    assert (heun["nfe"], euler["nfe"], ctm["nfe"]) == (11, 1, 1)  # 6 Heun steps = 2*6 - 1 calls
+    assert heun["speedup"] == 1.0 and heun["score_ratio"] == 1.0
+    assert heun["score_name"] == "SW2" and heun["cond_acc"] is None
+    for name in ("results.md", "samples.png", "score_vs_nfe.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 500
+    # a second run reuses both trained models
+    logs.clear()
+    run_bench(preset, tmp_path / "out2", quick=True, cache_dir=tmp_path / "cache", repeats=1,
+              log=logs.append)
+    assert sum("reusing" in line for line in logs) == 2
+
+
+def test_presets_have_the_required_rows():
+    for name in ("toy2d", "digits"):
+        rows = {(r.model, r.method) for r in PRESETS[name].rows}
+        assert {("teacher", "heun"), ("teacher", "euler-1"), ("ctm-1", "ctm"), ("ctm-2", "ctm"),
+                ("ctm-4-g0.5", "ctm"), ("ctm-1-l2", "ctm")} <= rows
+    assert {("teacher", "heun"), ("teacher", "euler-1")} <= \
+        {(r.model, r.method) for r in PRESETS["synthsounds"].rows}
+
+
+def test_markdown_table():
+    row = dict(model="teacher", method="heun", params=10, nfe=35, ms_per_sample=1.0,
+               speedup=1.0, score_name="SW2", score=0.1, score_ratio=1.0, cond_acc=None,
+               score_floor=0.01)
+    md = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu", "num_samples": 10,
+                           "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row]})
+    assert "| teacher | heun | 10 | 35 |" in md and "(quick)" in md
