@@ -31,8 +31,11 @@ teachers: $(STAMP)
 	$(VENV)/bin/gendistill train configs/teacher/toy2d.yaml output_dir=runs/teacher-toy2d
 	rm -rf gendistill/assets/teachers/digits gendistill/assets/teachers/toy2d
 	mkdir -p gendistill/assets/teachers
-	cp -r runs/teacher-digits/model gendistill/assets/teachers/digits
-	cp -r runs/teacher-toy2d/model gendistill/assets/teachers/toy2d
+	for name in digits toy2d; do \
+	  cp -r runs/teacher-$$name/model gendistill/assets/teachers/$$name; \
+	  cp runs/teacher-$$name/config.json gendistill/assets/teachers/$$name/training_config.json; \
+	  cp runs/teacher-$$name/train_time.json gendistill/assets/teachers/$$name/train_time.json; \
+	done
 
 clean:
 	rm -rf runs .pytest_cache

@@ -122,7 +122,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), retrain=args.retrain)
+    run_demo(Path(args.out), retrain=args.retrain, distill=not args.no_distill)
     return 0
 
 
@@ -211,10 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where trained models are cached (default runs/bench-cache)")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="the main job: digits teacher -> samples/",
-                       description="Load the shipped digits teacher (or --retrain it) and write "
-                       "a class-by-row sample grid and a toy2d scatter plot.")
+    d = sub.add_parser("demo", help="the main job: teacher samples, CTM distillation, table",
+                       description="Sample the shipped digits and toy2d teachers (or --retrain "
+                       "them), distil the digits teacher into 1-step CTM students and write the "
+                       "teacher-vs-student grid and the benchmark table (bench digits --quick).")
     d.add_argument("--out", default="samples", help="output folder (default samples/)")
+    d.add_argument("--no-distill", action="store_true",
+                   help="only the teacher samples (skip the CTM distillation and its table)")
     d.add_argument("--retrain", action="store_true", help="train the teachers instead of "
                    "loading the shipped ones")
     d.set_defaults(func=cmd_demo)

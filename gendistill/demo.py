@@ -1,6 +1,12 @@
-"""The main job (``make demo``): the digits teacher's class-by-row grid and the toy2d scatter."""
+"""The main job (``make demo``).
+
+1. the digits teacher's class-by-row grid (Heun, 18 steps) and the toy2d teacher's scatter plot;
+2. CTM distillation of the digits teacher into 1-step students and the benchmark table of
+   teacher vs students (``gendistill bench digits --quick``), with the teacher-vs-student grid.
+"""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -24,26 +30,40 @@ def teacher_folder(name: str, retrain: bool) -> Path:
     return run_training(cfg)
 
 
-def run_demo(out: Path, retrain: bool = False):
+def teacher_samples(out: Path, retrain: bool):
+    with torch.no_grad():
+        start = time.time()
+        digits = TeacherPipeline.from_pretrained(teacher_folder("digits", retrain))
+        digits.set_progress_bar_config(disable=True)
+        result = sample(digits, num_per_condition=10, seed=0, num_inference_steps=18)
+        write_samples(digits, result, out / "digits_teacher.png", rows=10)
+        print(f"wrote {out / 'digits_teacher.png'}: 10 classes x 10 samples, Heun 18 steps "
+              f"(35 network calls each), {time.time() - start:.1f}s")
+
+        start = time.time()
+        toy = TeacherPipeline.from_pretrained(teacher_folder("toy2d", retrain))
+        toy.set_progress_bar_config(disable=True)
+        result = sample(toy, num_per_condition=1000, seed=0, num_inference_steps=18)
+        truth = load_dataset("toy2d", "test")
+        labels = torch.tensor(result.conditions)
+        save_scatter(out / "toy2d_teacher.png", result.latents.numpy(), labels.numpy(),
+                     truth.class_names, title="toy2d teacher, Heun 18 steps",
+                     reference=truth.sample_true(labels, torch.Generator().manual_seed(0)).numpy(),
+                     ref_labels=labels.numpy())
+        print(f"wrote {out / 'toy2d_teacher.png'}: 4 classes x 1000 samples, "
+              f"{time.time() - start:.1f}s")
+
+
+def run_demo(out: Path, retrain: bool = False, distill: bool = True):
+    from .eval.bench import run_bench
+
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
-
-    start = time.time()
-    digits = TeacherPipeline.from_pretrained(teacher_folder("digits", retrain))
-    digits.set_progress_bar_config(disable=True)
-    result = sample(digits, num_per_condition=10, seed=0, num_inference_steps=18)
-    write_samples(digits, result, out / "digits_teacher.png", rows=10)
-    print(f"wrote {out / 'digits_teacher.png'}: 10 classes x 10 samples, Heun 18 steps "
-          f"(35 network calls each), {time.time() - start:.1f}s")
-
-    start = time.time()
-    toy = TeacherPipeline.from_pretrained(teacher_folder("toy2d", retrain))
-    toy.set_progress_bar_config(disable=True)
-    result = sample(toy, num_per_condition=1000, seed=0, num_inference_steps=18)
-    truth = load_dataset("toy2d", "test")
-    labels = torch.tensor(result.conditions)
-    save_scatter(out / "toy2d_teacher.png", result.latents.numpy(), labels.numpy(),
-                 truth.class_names, title="toy2d teacher, Heun 18 steps",
-                 reference=truth.sample_true(labels, torch.Generator().manual_seed(0)).numpy(),
-                 ref_labels=labels.numpy())
-    print(f"wrote {out / 'toy2d_teacher.png'}: 4 classes x 1000 samples, {time.time() - start:.1f}s")
+    teacher_samples(out, retrain)
+    if not distill:
+        return
+    bench_dir = out / "demo-digits"
+    results = run_bench("digits", bench_dir, quick=True, cache_dir=Path("runs/demo-cache"))
+    shutil.copy(bench_dir / "samples.png", out / "digits_teacher_vs_ctm.png")
+    print(f"wrote {out / 'digits_teacher_vs_ctm.png'} (teacher rows vs CTM student rows)")
+    print((bench_dir / "results.md").read_text())
+    return results

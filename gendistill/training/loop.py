@@ -91,6 +91,7 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     accelerator.init_trackers("logs")
 
+    first_step = counter.step
     batches = infinite_batches(loader)
     bar = tqdm(total=tc.max_steps, initial=counter.step, desc=f"{cfg.method}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -129,8 +130,8 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
     if accelerator.is_main_process:
         export(method, ema, final)
         (out / "train_time.json").write_text(json.dumps(
-            {"steps": tc.max_steps, "seconds": round(time.time() - start, 1),
-             "device": str(accelerator.device)}))
+            {"steps": tc.max_steps, "resumed_at": first_step,
+             "seconds": round(time.time() - start, 1), "device": str(accelerator.device)}))
         log.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
