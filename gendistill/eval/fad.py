@@ -215,6 +215,9 @@ class ClapEmbedding(AudioEmbedding):
 
     def __init__(self, model_dir: str | Path):
         from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor, ClapModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         folder = Path(model_dir)
         cfg_path = folder / "config.json"
@@ -229,6 +232,8 @@ class ClapEmbedding(AudioEmbedding):
             raise ValueError(f"{cfg_path}: model_type {model_type!r} is not a CLAP model "
                              "(clap or clap_audio_model)")
         self.model.eval().requires_grad_(False)
+        audio_cfg = getattr(self.model.config, "audio_config", self.model.config)
+        self._fusion = bool(getattr(audio_cfg, "enable_fusion", False))
         has_fe = (folder / "preprocessor_config.json").is_file()
         self.feature_extractor = ClapFeatureExtractor.from_pretrained(folder) if has_fe \
             else ClapFeatureExtractor()
@@ -236,8 +241,10 @@ class ClapEmbedding(AudioEmbedding):
     def embed_batch(self, x, sample_rate):
         rate = self.feature_extractor.sampling_rate
         waves = _resample(x, sample_rate, rate)
+        # Unfused checkpoints take one mel channel; "fusion" would stack four.
+        truncation = "fusion" if self._fusion else "rand_trunc"
         inputs = self.feature_extractor([w.numpy() for w in waves], sampling_rate=rate,
-                                        return_tensors="pt")
+                                        truncation=truncation, return_tensors="pt")
         inputs = {k: v for k, v in inputs.items() if k in ("input_features", "is_longer")}
         if self.full:
             out = self.model.get_audio_features(**inputs)

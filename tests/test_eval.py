@@ -1,0 +1,344 @@
+"""Evaluation metrics against references: Fréchet distance vs scipy, 2-D metrics vs closed forms,
+the shipped domain classifiers, FID / FAD behaviour on real data, checkpoint plumbing with random
+weights, and ``evaluate`` end to end on tiny random teachers."""
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from diffusers import EDMEulerScheduler
+
+from gendistill.cli import main
+from gendistill.data import load_dataset
+from gendistill.eval import classifier as clf_mod
+from gendistill.eval.accuracy import conditional_accuracy
+from gendistill.eval.evaluate import evaluate_pipeline
+from gendistill.eval.fad import (ClapEmbedding, VGGish, VGGishEmbedding, VGGishFrontend,
+                                 domain_fad, fad, load_audio_embedding)
+from gendistill.eval.fid import domain_fid, inception_fid, to_inception_input
+from gendistill.eval.frechet import frechet_distance, frechet_distance_of_features, gaussian_stats
+from gendistill.eval.metrics2d import mmd_rbf, score_2d, sliced_wasserstein
+from gendistill.models.networks import MLPNet, build_network
+from gendistill.pipelines import TeacherPipeline
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    return load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    return load_dataset("digits", "train")
+
+
+@pytest.fixture(scope="module")
+def sounds_test():
+    return load_dataset("synthsounds", "test")
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+def scipy_frechet(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_of_identical_sets_is_zero():
+    f = torch.randn(400, 16) @ torch.randn(16, 16)
+    assert frechet_distance_of_features(f, f) == pytest.approx(0.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("dim", [3, 16, 64])
+def test_frechet_matches_scipy_sqrtm(dim):
+    rng = np.random.default_rng(dim)
+    a, b = torch.randn(dim, dim, dtype=torch.float64), torch.randn(dim, dim, dtype=torch.float64)
+    s1 = (a @ a.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)).numpy()
+    s2 = (b @ b.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)).numpy()
+    mu1, mu2 = rng.standard_normal(dim), rng.standard_normal(dim)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-3)
+    # fitted to samples, including a rank-deficient covariance (fewer samples than dims)
+    x, y = rng.standard_normal((dim // 2 + 2, dim)), rng.standard_normal((300, dim)) + 0.3
+    (m1, c1), (m2, c2) = gaussian_stats(x), gaussian_stats(y)
+    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(
+        scipy_frechet(m1.numpy(), c1.numpy(), m2.numpy(), c2.numpy()), rel=1e-3)
+
+
+def test_frechet_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="one size"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------- exact 2-D metrics
+
+def test_sliced_wasserstein_gaussian_translation():
+    g = torch.Generator().manual_seed(0)
+    m = torch.tensor([1.2, -0.9])  # |m| = 1.5
+    x = torch.randn(4000, 2, generator=g)
+    y = torch.randn(4000, 2, generator=g) + m
+    same = torch.randn(4000, 2, generator=g)
+    # E over directions of (theta . m)^2 is |m|^2 / d: SW2 = |m| / sqrt(2) in 2-D ...
+    assert sliced_wasserstein(x, y) == pytest.approx(1.5 / 2 ** 0.5, rel=0.03)
+    # ... and the dimension-scaled variant reads a translation as its length |m| (= W2).
+    assert sliced_wasserstein(x, y, scale_by_dim=True) == pytest.approx(1.5, rel=0.03)
+    assert sliced_wasserstein(x, same) < 0.05
+    # unequal sizes go through the quantile functions
+    assert sliced_wasserstein(x[:1000], y) == pytest.approx(1.5 / 2 ** 0.5, rel=0.05)
+
+
+def test_mmd_same_vs_shifted():
+    g = torch.Generator().manual_seed(1)
+    x, same = torch.randn(1500, 2, generator=g), torch.randn(1500, 2, generator=g)
+    shifted = torch.randn(1500, 2, generator=g) + torch.tensor([0.5, 0.0])
+    h = 0.5
+    near_zero, far = mmd_rbf(x, same, bandwidth=h), mmd_rbf(x, shifted, bandwidth=h)
+    # closed form for N(0, I) vs N(m, I) in d dims: 2 c (1 - exp(-|m|^2 / (2 (h^2 + 2)))),
+    # c = (h^2 / (h^2 + 2))^(d/2)
+    exact = 2 * (h ** 2 / (h ** 2 + 2)) * (1 - np.exp(-0.25 / (2 * (h ** 2 + 2))))
+    assert far == pytest.approx(exact, abs=2e-3)
+    assert abs(near_zero) < 1e-3 and far > 20 * abs(near_zero)
+    assert mmd_rbf(x, same, 0.5, unbiased=False) > near_zero  # the V-statistic is biased up
+
+
+def test_score_2d_per_class_on_toy2d():
+    ds = load_dataset("toy2d", "test")
+    labels = torch.arange(4).repeat_interleave(300)
+    g = torch.Generator().manual_seed(2)
+    a, b = ds.sample_true(labels, g), ds.sample_true(labels, g)
+    good = score_2d(a, labels, b, labels, ds.class_names)
+    bad = score_2d(a + 0.3, labels, b, labels, ds.class_names)
+    assert set(good["per_class"]) == set(ds.class_names)
+    assert good["SW2"] < 0.05 and bad["SW2"] > 4 * good["SW2"]
+    assert bad["MMD"] > 10 * abs(good["MMD"])
+    assert all(bad["per_class"][k]["SW2"] > good["per_class"][k]["SW2"] for k in ds.class_names)
+
+
+# ---------------------------------------------------------------- domain classifiers
+
+def test_shipped_classifiers_meet_their_accuracy(digits_test, sounds_test):
+    digits = clf_mod.load_classifier("digits")
+    sounds = clf_mod.load_classifier("synthsounds")
+    acc_d = clf_mod.accuracy(digits, digits_test.x, digits_test.y)
+    acc_s = clf_mod.accuracy(sounds, sounds_test.x, sounds_test.family)
+    assert acc_d >= 0.95 and acc_s >= 0.90
+    assert acc_d == pytest.approx(digits.config["test_accuracy"], abs=1e-3)
+    assert digits.features(digits_test.x[:3]).shape == (3, digits.num_features)
+
+
+def test_missing_classifier_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(clf_mod, "CLASSIFIERS_DIR", tmp_path)
+    clf_mod.load_classifier.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="gendistill train-classifier digits"):
+            clf_mod.load_classifier("digits")
+    finally:
+        clf_mod.load_classifier.cache_clear()
+
+
+def test_train_classifier_command_writes_a_loadable_folder(tmp_path, capsys):
+    out = tmp_path / "clf"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: two threads only fight over a busy 2-core machine
+    try:
+        assert main(["train-classifier", "digits", "--epochs", "1", "--out", str(out),
+                     "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "digits classifier: test accuracy" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_classes"] == 10 and 0 <= cfg["test_accuracy"] <= 1
+    model = clf_mod.load_classifier_from(out)
+    assert model.predict(torch.zeros(5, 1, 8, 8)).shape == (5,)
+    assert main(["train-classifier", "mnist", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no domain classifier recipe for 'mnist'" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- FID / FAD / accuracy
+
+def test_domain_fid_real_vs_real_small_real_vs_noise_large(digits_test, digits_train):
+    real_real = domain_fid(digits_test.x, digits_train.x)
+    noise = torch.rand(360, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real_noise = domain_fid(digits_test.x, noise)
+    assert real_real < 2.0 and real_noise > 25 * real_real
+    # torchmetrics' features + our Fréchet step = the Fréchet distance of the features
+    clf = clf_mod.load_classifier("digits")
+    with torch.no_grad():
+        direct = frechet_distance_of_features(clf.features(digits_test.x),
+                                              clf.features(digits_train.x))
+    assert real_real == pytest.approx(direct, rel=1e-4)
+    # ... and agrees with torchmetrics' own Fréchet step on the same running sums
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from gendistill.eval.classifier import ClassifierFeatures
+    from gendistill.eval.fid import _fid_metric_class
+
+    metric = _fid_metric_class()(feature=ClassifierFeatures(clf))
+    metric.update(digits_test.x, real=True)
+    metric.update(noise, real=False)
+    assert float(metric.compute()) == pytest.approx(real_noise, rel=1e-6)
+    assert float(FrechetInceptionDistance.compute(metric)) == pytest.approx(real_noise, rel=1e-4)
+
+
+def test_conditional_accuracy_real_vs_shuffled(digits_test, sounds_test):
+    assert conditional_accuracy(digits_test.x, digits_test.y, "digits") >= 0.95
+    shuffled = digits_test.y[torch.randperm(len(digits_test.y))]
+    assert conditional_accuracy(digits_test.x, shuffled, "digits") < 0.3
+    captions = sounds_test.captions
+    assert conditional_accuracy(sounds_test.x, captions, "synthsounds") >= 0.9
+    order = torch.randperm(len(captions)).tolist()
+    assert conditional_accuracy(sounds_test.x, [captions[i] for i in order], "synthsounds") < 0.3
+
+
+def test_domain_fad_real_vs_real_small_real_vs_noise_large(sounds_test):
+    half = len(sounds_test) // 2
+    idx = torch.randperm(len(sounds_test))
+    a, b = sounds_test.x[idx[:half]], sounds_test.x[idx[half:]]
+    noise = torch.rand_like(a) * 2 - 1
+    assert domain_fad(a, noise) > 20 * domain_fad(a, b)
+    emb = load_audio_embedding("domain")
+    assert fad(a, b, emb) == pytest.approx(domain_fad(a, b))
+    with pytest.raises(ValueError, match="checkpoint path"):
+        load_audio_embedding("vggish")
+
+
+def random_inception_weights(path, monkeypatch):
+    """Save a randomly initialised torch-fidelity Inception state_dict (nothing downloaded)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    cls = tf_inception.FeatureExtractorInceptionV3
+    with monkeypatch.context() as m:  # build it without its weight download / load
+        m.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(cls, "load_state_dict", lambda self, *a, **k: None)
+        net = cls("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_fid_plumbing_with_random_weights(tmp_path, monkeypatch, digits_test):
+    images = to_inception_input(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 8, 8))
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 299, 299)
+    assert images[0].max() == 0 and images[1].min() == 255
+    weights = random_inception_weights(tmp_path / "inception.pth", monkeypatch)
+    # 64-d Inception features keep the check fast; 2048 (the default) is the same plumbing
+    value = inception_fid(digits_test.x[:6], digits_test.x[6:12], weights, feature=64)
+    assert np.isfinite(value) and value >= 0
+    with pytest.raises(FileNotFoundError, match="Inception weights file not found"):
+        inception_fid(digits_test.x[:4], digits_test.x[4:8], tmp_path / "none.pth")
+
+
+def test_vggish_plumbing_with_random_weights(tmp_path):
+    frontend = VGGishFrontend()
+    assert frontend(torch.zeros(2, 15872)).shape == (2, 1, 96, 64)
+    torch.manual_seed(0)
+    state = {k.replace("features.", "features_network.").replace("embeddings.",
+                                                                 "embedding_network."): v
+             for k, v in VGGish().state_dict().items()}  # torchaudio's key layout
+    torch.save(state, tmp_path / "vggish.pt")
+    emb = VGGishEmbedding(tmp_path / "vggish.pt")
+    waves = 0.1 * torch.randn(3, 15872)
+    out = emb(waves, 16000)
+    assert out.shape == (3, 128) and torch.isfinite(out).all()
+    assert emb(0.1 * torch.randn(2, 24000), 8000).shape == (6, 128)  # resampled, 3 examples
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not VGGish weights"):
+        VGGishEmbedding(tmp_path / "bad.pt")
+
+
+def test_clap_plumbing_with_random_weights(tmp_path):
+    from transformers import (ClapAudioConfig, ClapAudioModelWithProjection, ClapConfig,
+                              ClapFeatureExtractor, ClapModel)
+
+    audio = dict(depths=[1, 1], num_attention_heads=[2, 2], patch_embeds_hidden_size=16,
+                 hidden_size=32, projection_dim=16, spec_size=256, num_mel_bins=64)
+    text = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=37, projection_dim=16, max_position_embeddings=64)
+    ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=16)) \
+        .save_pretrained(tmp_path / "clap")
+    ClapFeatureExtractor().save_pretrained(tmp_path / "clap")
+    ClapAudioModelWithProjection(ClapAudioConfig(**audio)).save_pretrained(tmp_path / "audio")
+    waves = 0.1 * torch.randn(3, 15872)
+    for folder in ("clap", "audio"):
+        out = load_audio_embedding("clap", tmp_path / folder)(waves, 16000)
+        assert out.shape == (3, 16)
+        torch.testing.assert_close(out.norm(dim=1), torch.ones(3, dtype=out.dtype))
+    with pytest.raises(FileNotFoundError):
+        ClapEmbedding(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- evaluate
+
+def toy_teacher():
+    pipe = TeacherPipeline(MLPNet(in_dim=2, width=32, depth=2, num_class_embeds=5),
+                           EDMEulerScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_evaluate_toy2d_counts_nfe_and_scores():
+    pipe = toy_teacher()
+    res = evaluate_pipeline(pipe, "toy2d", 200, 0, progress=False, num_inference_steps=2)
+    assert res["score_name"] == "SW2" and res["nfe"] == 3  # Heun, 2 steps: 2 + 1 calls
+    assert res["score"] > res["score_floor"] and set(res["per_class"]) == {
+        "ring", "pinwheel", "checkerboard", "spiral"}
+    assert res["cond_acc"] is None and res["num_samples"] == 200
+    guided = evaluate_pipeline(pipe, "toy2d", 40, 0, progress=False, num_inference_steps=2,
+                               guidance_scale=2.0, batch_size=16)
+    assert guided["nfe"] == 6  # CFG doubles every row
+    json.dumps(guided)
+    for p in pipe.unet.parameters():
+        p.data.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN / inf"):
+        evaluate_pipeline(pipe, "toy2d", 8, 0, progress=False, num_inference_steps=1)
+
+
+def test_evaluate_digits_and_synthsounds_tiny_teachers():
+    digits = TeacherPipeline(build_network((1, 8, 8), num_classes=10, channels=(8, 16)),
+                             EDMEulerScheduler())
+    res = evaluate_pipeline(digits, "digits", 40, 0, progress=False, num_inference_steps=1)
+    assert res["score_name"] == "domain FID" and res["score"] > res["score_floor"]
+    assert 0 <= res["cond_acc"] <= 1 and res["nfe"] == 1
+    sounds = TeacherPipeline(build_network((1, 32, 32), cross_attention_dim=384, channels=(8, 16)),
+                             EDMEulerScheduler(), text_encoder_name="all-MiniLM-L6-v2")
+    res = evaluate_pipeline(sounds, "synthsounds", 16, 0, progress=False, num_inference_steps=1)
+    assert res["score_name"] == "domain FAD" and res["score"] > res["score_floor"]
+    assert 0 <= res["cond_acc"] <= 1
+    with pytest.raises(ValueError, match="makes samples of shape"):
+        evaluate_pipeline(digits, "synthsounds", 8, 0, progress=False)
+
+
+def test_cli_evaluate_writes_json(tmp_path, capsys):
+    toy_teacher().save_pretrained(tmp_path / "model")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", str(tmp_path / "model"), "--dataset", "toy2d", "--num-samples",
+                 "80", "--steps", "2", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == str(tmp_path / "model") and res["dataset"] == "toy2d"
+    assert {"nfe", "score_name", "score", "cond_acc", "MMD"} <= set(res)
+    assert "SW2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--dataset", "mnist"], "cannot evaluate on dataset 'mnist'"),
+    (["--dataset", "digits"], "the model makes samples of shape (2,), dataset digits has"),
+    (["--dataset", "toy2d", "--num-samples", "1"], "--num-samples must be >= 2"),
+    (["--dataset", "toy2d", "--vggish-weights", "/no/v.pt"], "VGGish / CLAP FAD is for audio"),
+])
+def test_cli_evaluate_bad_input_is_one_line_and_exit_2(extra, needle, tmp_path, capsys):
+    toy_teacher().save_pretrained(tmp_path / "model")
+    assert main(["evaluate", str(tmp_path / "model"), *extra, "--out",
+                 str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert main(["evaluate", "/no/model", "--dataset", "toy2d", "--out", "x.json"]) == 2
+
+
+def test_help_of_the_new_commands(capsys):
+    for cmd in ("evaluate", "train-classifier"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([cmd, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: gendistill {cmd}" in capsys.readouterr().out
