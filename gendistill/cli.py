@@ -44,21 +44,39 @@ def _load_model(path: str):
     return pipe
 
 
+def sampling_kwargs(pipe, args) -> dict:
+    """Pipeline call arguments from the sampling flags; a flag the model's pipeline does not
+    take (--sampler for a CTM student, --gamma for a teacher) is a usage error."""
+    kwargs = {}
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    for flag, value, key in (("--steps", args.steps, "num_inference_steps"),
+                             ("--guidance", args.guidance, "guidance_scale"),
+                             ("--sampler", args.sampler, "sampler"),
+                             ("--gamma", args.gamma, "gamma"), ("--nu", args.nu, "nu")):
+        if value is None:
+            continue
+        if key not in accepted:
+            raise UsageError(f"{flag} does not apply to {type(pipe).__name__} models")
+        kwargs[key] = value
+    return kwargs
+
+
+def add_sampling_flags(p: argparse.ArgumentParser):
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="solver steps (teacher default 18) or student jumps (CTM default 1)")
+    p.add_argument("--guidance", type=float, metavar="W", help="CFG scale w (1 = none)")
+    p.add_argument("--sampler", choices=["heun", "euler"], help="teacher ODE solver (heun)")
+    p.add_argument("--gamma", type=float, metavar="G",
+                   help="CTM gamma-sampling: 0 deterministic .. 1 consistency multistep")
+    p.add_argument("--nu", type=float, metavar="NU",
+                   help="CTM nu-interpolation between unconditional (0) and conditional (1)")
+
+
 def cmd_generate(args) -> int:
     from .generate import sample, write_samples
 
     pipe = _load_model(args.model_dir)
-    kwargs = {"num_inference_steps": args.steps} if args.steps else {}
-    if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
-    for flag, name, key in (("--sampler", "sampler", "sampler"), ("--gamma", "gamma", "gamma"),
-                            ("--nu", "nu", "nu")):
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if key not in inspect.signature(type(pipe).__call__).parameters:
-            raise UsageError(f"{flag} does not apply to {type(pipe).__name__} models")
-        kwargs[key] = value
+    kwargs = sampling_kwargs(pipe, args)
     classes = [args.class_label] if args.class_label is not None else None
     prompts = [args.prompt] if args.prompt is not None else None
     output = sample(pipe, classes, prompts, args.num_samples, args.seed, **kwargs)
@@ -79,11 +97,7 @@ def cmd_evaluate(args) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     pipe = _load_model(args.model_dir)
-    kwargs = {"num_inference_steps": args.steps} if args.steps else {}
-    if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
-    if args.sampler:
-        kwargs["sampler"] = args.sampler
+    kwargs = sampling_kwargs(pipe, args)
     result = evaluate_pipeline(pipe, args.dataset, args.num_samples, args.seed,
                                batch_size=args.batch_size,
                                inception_weights=args.inception_weights,
@@ -150,14 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--prompt", metavar="TEXT", help="text prompt (text-conditional models)")
     g.add_argument("--num-samples", type=int, default=8, metavar="N",
                    help="samples per condition (default 8)")
-    g.add_argument("--steps", type=int, metavar="N",
-                   help="solver steps (teacher default 18) or student jumps (CTM default 1)")
-    g.add_argument("--guidance", type=float, metavar="W", help="CFG scale w (1 = none)")
-    g.add_argument("--sampler", choices=["heun", "euler"], help="teacher ODE solver (heun)")
-    g.add_argument("--gamma", type=float, metavar="G",
-                   help="CTM gamma-sampling: 0 deterministic .. 1 consistency multistep")
-    g.add_argument("--nu", type=float, metavar="NU",
-                   help="CTM nu-interpolation between unconditional (0) and conditional (1)")
+    add_sampling_flags(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, metavar="PATH", help="output .png, .wav or .npz")
     g.set_defaults(func=cmd_generate)
@@ -172,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True, metavar="NAME", help="toy2d, digits or synthsounds")
     e.add_argument("--num-samples", type=int, metavar="N", help="samples in all (default: "
                    "toy2d 2000, digits 1000, synthsounds 384)")
-    e.add_argument("--steps", type=int, metavar="N", help="sampling steps (pipeline default)")
-    e.add_argument("--guidance", type=float, metavar="W", help="CFG scale w (1 = none)")
-    e.add_argument("--sampler", choices=["heun", "euler"], help="teacher ODE solver (heun)")
+    add_sampling_flags(e)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=256, metavar="N",
                    help="samples per pipeline call (default 256)")
