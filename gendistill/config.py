@@ -74,6 +74,7 @@ class CTMConfig:
     denoising_weight: float = 1.0  # w in front of the adaptive DSM term (0 turns it off)
     guidance_min: float = 1.0      # CFG distillation: omega ~ U[min, max] per sample;
     guidance_max: float = 1.0      # min = max = 1 trains an unguided student
+    target_ema: float = 0.999      # EMA rate of the target network theta- (CTM: 0.999; iCT: 0)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from ..data.conditioning import drop_conditions
 from ..diffusion import (Denoiser, EDMDenoiser, append_dims, edm_loss_weight, heun_step,
                          karras_sigmas, sample_half_lognormal)
 from ..models.student import CTMStudent
+from ..training.ema import EMA
 
 
 @dataclass
@@ -131,7 +132,12 @@ class CTMTraining:
                                              embed_guidance=self.distill_guidance)
         self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.train.lr)
-        self.ema = None  # the loop's EMA: theta-, the target network
+        # theta-: the target network, its own EMA (the loop's EMA is what gets exported)
+        self.target = EMA(self.model, c.target_ema, warmup=False)  # constant, as in CTM
+        self.checkpointed = (self.target,)
+
+    def after_step(self, step: int):
+        self.target.update(getattr(self.model, "module", self.model))
 
     def distance(self, estimate, target, sigma, cond):
         name = self.cfg.ctm.distance
@@ -146,6 +152,7 @@ class CTMTraining:
         x0, cond = batch if len(batch) == 2 else (batch[0], None)
         device, n = x0.device, x0.shape[0]
         self.teacher.to(device)
+        self.target.to(device)
         grid = self.grid.to(device)
         if cond is not None:
             cond = drop_conditions(cond, self.null_cond, self.cfg.train.cond_dropout)
@@ -156,7 +163,7 @@ class CTMTraining:
         times = sample_ctm_times(n, c.num_grid, c.max_jump, device=device)
         t, u, s = grid[times.i], grid[times.i + times.k], grid[times.j]
         x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
-        target_net = self.ema.model
+        target_net = self.target.model
         with torch.no_grad():
             x_u = teacher_solve(self.teacher, x_t, grid, times.i, times.k, cond,
                                 1.0 if guidance is None else guidance)

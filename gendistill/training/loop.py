@@ -77,7 +77,8 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay).to(accelerator.device)
     method.ema = ema
     counter = StepCounter()
-    accelerator.register_for_checkpointing(ema, counter)
+    # the method's own state (e.g. CTM's target network) is checkpointed with the rest
+    accelerator.register_for_checkpointing(ema, counter, *getattr(method, "checkpointed", ()))
 
     if tc.resume:
         ckpt = latest_checkpoint(out)

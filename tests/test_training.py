@@ -1,0 +1,25 @@
+import pytest
+import torch
+from torch import nn
+
+from gendistill.training.ema import EMA
+
+
+def test_ema_update_rule_and_warmup():
+    model = nn.Linear(2, 1, bias=False)
+    ema = EMA(model, decay=0.99, warmup=False)
+    start = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, 0.99 * start + 0.01 * model.weight)
+
+    warm = EMA(model, decay=0.999)
+    assert warm.current_decay() == pytest.approx(0.1)       # (1 + 0) / (10 + 0)
+    for _ in range(5):
+        warm.update(model)
+    assert warm.current_decay() == pytest.approx(6 / 15)
+    assert int(warm.state_dict()["num_updates"]) == 5      # checkpointed with the weights
+    for _ in range(20000):
+        warm.num_updates += 1
+    assert warm.current_decay() == 0.999
