@@ -76,3 +76,22 @@ def test_help_on_every_command():
 def test_generate_rejects_class_out_of_range(toy_teacher, capsys):
     assert main(["generate", str(toy_teacher / "model"), "--class", "9", "--out", "x.png"]) == 2
     assert "class labels must be in [0, 3]" in capsys.readouterr().err
+
+
+def test_text_to_sound_teacher_end_to_end(tmp_path):
+    """synthsounds: MiniLM captions -> UNet2DConditionModel teacher -> WAV via Griffin-Lim."""
+    import soundfile as sf
+
+    run("train", "configs/teacher/synthsounds.yaml", f"output_dir={tmp_path}",
+        "train.max_steps=3", "train.batch_size=8", "network.channels=[8,16]")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder_name"] == "all-MiniLM-L6-v2"
+    run("generate", str(tmp_path / "model"), "--prompt", "a loud fast siren", "--num-samples",
+        "2", "--steps", "2", "--guidance", "3", "--out", str(tmp_path / "siren.wav"))
+    wave, rate = sf.read(tmp_path / "siren-000.wav")
+    assert rate == 16000 and wave.shape == (15872,) and (tmp_path / "siren.png").is_file()
+    run("generate", str(tmp_path / "model"), "--prompt", "a quiet tone", "--num-samples", "3",
+        "--steps", "2", "--out", str(tmp_path / "tone.npz"))
+    arr = np.load(tmp_path / "tone.npz")
+    assert arr["x"].shape == (3, 1, 32, 32) and list(arr["captions"]) == ["a quiet tone"] * 3
