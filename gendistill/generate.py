@@ -20,9 +20,10 @@ def sample(pipe, class_labels=None, prompts=None, num_per_condition: int = 8, se
     if pipe.conditioning == "text" and prompts is None:
         raise ValueError("this model is text-conditional: give --prompt TEXT")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return pipe(class_labels=class_labels, prompt=prompts, batch_size=num_per_condition,
-                num_per_condition=num_per_condition, generator=generator, output_type="latent",
-                **call_kwargs)
+    # an unconditional model has one "condition": num_per_condition samples in one batch
+    batch, per = (num_per_condition, 1) if pipe.conditioning == "none" else (1, num_per_condition)
+    return pipe(class_labels=class_labels, prompt=prompts, batch_size=batch,
+                num_per_condition=per, generator=generator, output_type="latent", **call_kwargs)
 
 
 def write_samples(pipe, output, out: str | Path, rows: int) -> list[Path]:
@@ -56,8 +57,7 @@ def write_samples(pipe, output, out: str | Path, rows: int) -> list[Path]:
         if out.suffix != ".png":
             raise ValueError(f"2-D samples go to a .png scatter plot or .npz, got {out}")
         labels = np.array(conds) if conds and conds[0] is not None else None
-        names = getattr(pipe, "class_names", None)
-        save_scatter(out, x.numpy(), labels, names, title=pipe.__class__.__name__)
+        save_scatter(out, x.numpy(), labels, title=type(pipe).__name__)
     else:
         if out.suffix != ".png":
             raise ValueError(f"images go to a .png grid or .npz, got {out}")

@@ -87,3 +87,15 @@ def test_text_encoder_offline():
     sim = pooled @ pooled.T
     assert sim[0, 1] > sim[0, 2] + 0.1
     torch.testing.assert_close(enc([""])[0][0], states[3])
+
+
+def test_sample_unconditional_gives_the_requested_count(tmp_path):
+    from gendistill.generate import sample
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    pipe = TeacherPipeline(unet, DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    out = sample(pipe, num_per_condition=5, num_inference_steps=2)
+    assert out.latents.shape == (5, 1, 8, 8)
