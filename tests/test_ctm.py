@@ -197,3 +197,13 @@ def test_tampered_shim_needs_explicit_trust(tmp_path):
                                           "CTMPipeline\n")
     with pytest.raises(ValueError, match="trust_remote_code"):
         CTMPipeline.from_pretrained(tmp_path)
+
+
+def test_lpips_without_weights_is_a_clear_error(monkeypatch, tmp_path):
+    from gendistill.config import ConfigError
+    from gendistill.methods.ctm import lpips_distance
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="needs torchvision's VGG16 weights"):
+        lpips_distance(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))

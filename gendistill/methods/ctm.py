@@ -82,13 +82,17 @@ def l2_distance(estimate, target) -> torch.Tensor:
 
 
 def lpips_distance(estimate, target) -> torch.Tensor:
-    try:
-        from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity
-    except ImportError as e:  # pragma: no cover - depends on the optional extra
-        raise ConfigError("ctm.distance=lpips needs the lpips weights (pip install lpips)") from e
+    """LPIPS (VGG) on images; needs torchvision's VGG16 weights already in the torch hub cache,
+    since nothing is downloaded at run time."""
+    from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity
+
     rgb = lambda x: x.clamp(-1, 1).expand(-1, 3, -1, -1)  # noqa: E731
-    return learned_perceptual_image_patch_similarity(rgb(estimate), rgb(target), net_type="vgg",
-                                                     reduction="none")
+    try:
+        return learned_perceptual_image_patch_similarity(rgb(estimate), rgb(target),
+                                                         net_type="vgg", reduction="none")
+    except OSError as e:  # urllib's URLError: the weights are not on disk
+        raise ConfigError("ctm.distance=lpips needs torchvision's VGG16 weights in the torch "
+                          f"hub cache ({torch.hub.get_dir()}); none are downloaded") from e
 
 
 def adaptive_weight(loss_main: torch.Tensor, loss_aux: torch.Tensor, last_layer: torch.Tensor,
