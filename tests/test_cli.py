@@ -95,3 +95,25 @@ def test_text_to_sound_teacher_end_to_end(tmp_path):
         "--steps", "2", "--out", str(tmp_path / "tone.npz"))
     arr = np.load(tmp_path / "tone.npz")
     assert arr["x"].shape == (3, 1, 32, 32) and list(arr["captions"]) == ["a quiet tone"] * 3
+
+
+def test_ctm_distillation_through_the_cli(toy_teacher, tmp_path):
+    """train ctm with teacher=PATH -> a CTMPipeline folder that generate and evaluate accept."""
+    run("train", "configs/ctm/toy2d.yaml", f"teacher={toy_teacher / 'model'}",
+        f"output_dir={tmp_path}", "train.max_steps=4", "train.batch_size=32", "ctm.num_grid=6")
+    model = tmp_path / "model"
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "CTMPipeline"]
+    run("generate", str(model), "--steps", "3", "--gamma", "0.5", "--num-samples", "4",
+        "--out", str(tmp_path / "ctm.npz"))
+    assert np.load(tmp_path / "ctm.npz")["x"].shape == (16, 2)
+    run("evaluate", str(model), "--dataset", "toy2d", "--num-samples", "40", "--no-progress",
+        "--out", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["nfe"] == 1 and result["score_name"] == "SW2"
+    # flags of the other family are refused with one line
+    proc = run("generate", str(model), "--sampler", "euler", "--out", str(tmp_path / "x.png"),
+               check=False)
+    assert proc.returncode == 2 and "--sampler does not apply to CTMPipeline" in proc.stderr
+    proc = run("train", "configs/ctm/toy2d.yaml", f"teacher={tmp_path / 'none'}", check=False)
+    assert proc.returncode == 2 and "teacher: no model folder at" in proc.stderr
