@@ -183,6 +183,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             "score": round(float(result["score"]), 5), "score_ratio": None,
             "cond_acc": None if result["cond_acc"] is None else round(result["cond_acc"], 4),
             "call": row.call, "score_floor": result.get("score_floor"),
+            **({"mmd": round(result["MMD"], 6)} if "MMD" in result else {}),
         })
         samples[f"{row.model}/{row.method}"] = (pipe, row.call)
     base = next(r for r in rows if r["model"] == "teacher" and r["method"] == "heun")
@@ -223,11 +224,16 @@ def results_markdown(results: dict) -> str:
         f"| model | method | params | NFE | ms/sample | speedup | {score_name} | ratio | cond acc |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    has_mmd = "mmd" in rows[0]
+    if has_mmd:
+        lines[-2] += " MMD² |"
+        lines[-1] += " ---: |"
     for r in rows:
         acc = "–" if r["cond_acc"] is None else f"{100 * r['cond_acc']:.1f} %"
         lines.append(f"| {r['model']} | {r['method']} | {r['params']:,} | {r['nfe']} | "
                      f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}× | {r['score']:.4g} | "
-                     f"{r['score_ratio']:.3g} | {acc} |")
+                     f"{r['score_ratio']:.3g} | {acc} |" + (f" {r['mmd']:.4g} |" if has_mmd
+                                                            else ""))
     floor = rows[0].get("score_floor")
     if floor is not None:
         lines += ["", f"Reference: {score_name} of real data against real data = {floor:.4g}."]

@@ -28,19 +28,27 @@ def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
     per_condition = 400 if kind == "vector" else 8
     outputs = {name: row_samples(pipe, call, test, per_condition)
                for name, (pipe, call) in samples.items()}
-    if kind == "vector":
-        fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 3.4))
+    if kind == "vector":  # one row per class, so that every class's shape can be read
         labels = torch.tensor(outputs[names[0]].conditions)
         truth = test.sample_true(labels, torch.Generator().manual_seed(0)).numpy()
         panels = [("true distribution", truth)] + [(n, outputs[n].latents.numpy()) for n in names]
-        for ax, (title, pts) in zip(axes, panels):
-            ax.scatter(pts[:, 0], pts[:, 1], s=1, c=labels.numpy(), cmap="tab10", vmin=0, vmax=9)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlim(-2, 2)
-            ax.set_ylim(-2, 2)
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
+        classes = test.class_names
+        fig, axes = plt.subplots(len(classes), len(panels), squeeze=False,
+                                 figsize=(2.0 * len(panels), 2.0 * len(classes)))
+        for c, class_name in enumerate(classes):
+            mask = (labels == c).numpy()
+            for k, (title, pts) in enumerate(panels):
+                ax = axes[c][k]
+                ax.scatter(pts[mask, 0], pts[mask, 1], s=0.5, color=plt.cm.tab10(c))
+                ax.set_xlim(-1.8, 1.8)
+                ax.set_ylim(-1.8, 1.8)
+                ax.set_aspect("equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_title(title, fontsize=8)
+                if k == 0:
+                    ax.set_ylabel(class_name, fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "samples.png", dpi=100)
         plt.close(fig)
