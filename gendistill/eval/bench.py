@@ -75,7 +75,7 @@ PRESETS = {
     "synthsounds": Preset(
         dataset="synthsounds", teacher_config="configs/teacher/synthsounds.yaml",
         students={}, rows=_teacher_rows(18), num_samples=384, quick_num_samples=96,
-        quick_overrides=["train.max_steps=200"], timing_batch=16),
+        quick_overrides=["train.max_steps=100", "train.batch_size=16"], timing_batch=16),
 }
 
 
