@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import Config, ConfigError
@@ -11,8 +12,6 @@ from .data.conditioning import condition_tensors
 
 
 def data_loader(x, cond, batch_size: int, seed: int) -> DataLoader:
-    import torch
-
     tensors = (x,) if cond is None else (x, cond)
     return DataLoader(TensorDataset(*tensors), batch_size=min(batch_size, len(x)), shuffle=True,
                       drop_last=True, generator=torch.Generator().manual_seed(seed))

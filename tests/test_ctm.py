@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gendistill.diffusion import EDMDenoiser, append_zero, karras_sigmas, sample_heun
+from gendistill.diffusion import EDMDenoiser, karras_sigmas, sample_heun
 from gendistill.methods.ctm import (adaptive_weight, l2_distance, normalized_feature_distance,
                                     sample_ctm_times, teacher_feature_distance, teacher_solve)
 from gendistill.models.networks import build_network
