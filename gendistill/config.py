@@ -52,6 +52,7 @@ class TrainConfig:
     mixed_precision: str = "no"    # no, fp16 or bf16
     resume: bool = False           # continue from the newest checkpoint in output_dir
     cpu: bool = False              # force CPU even where a GPU is present
+    xformers: bool = False         # xformers attention (CUDA + the xformers extra); else SDPA
 
 
 @dataclass

@@ -33,6 +33,19 @@ def load_teacher(cfg: Config):
     return pipe
 
 
+def enable_xformers(model: torch.nn.Module):
+    """xformers attention for the trained network; it has no CPU build, so ask clearly."""
+    if not torch.cuda.is_available():
+        raise ConfigError("train.xformers=true needs a CUDA GPU (xformers has no CPU build; "
+                          "without it attention runs on PyTorch SDPA)")
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("train.xformers=true needs the xformers extra: "
+                          "pip install 'gendistill[xformers]'") from None
+    model.enable_xformers_memory_efficient_attention()
+
+
 def run_training(cfg: Config) -> Path:
     from .training import train
 
@@ -48,4 +61,6 @@ def run_training(cfg: Config) -> Path:
         method = CTMTraining(cfg, load_teacher(cfg), null_cond)
     else:
         raise ConfigError(f"method: {cfg.method!r} is not implemented")
+    if cfg.train.xformers:
+        enable_xformers(method.model)
     return train(cfg, method, data_loader(ds.x, cond, cfg.train.batch_size, cfg.seed))

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from gendistill.cli import main
 
@@ -65,6 +66,13 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only error")
+def test_xformers_on_cpu_is_a_clear_error(capsys):
+    assert main(["train", "configs/teacher/toy2d.yaml", "train.xformers=true",
+                 "train.max_steps=1"]) == 2
+    assert "train.xformers=true needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_help_on_every_command():
