@@ -47,8 +47,13 @@ def enable_xformers(model: torch.nn.Module):
 
 
 def run_training(cfg: Config) -> Path:
+    from accelerate.utils import set_seed
+
     from .training import train
 
+    # Seed before anything random is built (the network's initial weights, the student's new
+    # embeddings): every rank starts from the same weights and two runs of one seed agree.
+    set_seed(cfg.seed)
     ds = load_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.kind)
     cond, null_cond = condition_tensors(ds)
     if cfg.method == "teacher":
