@@ -171,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score a model folder on a built-in dataset -> JSON",
                        description="Generate samples spread evenly over the dataset's conditions "
-                       "and score them: toy2d -> sliced W2 + RBF-MMD vs the true distribution; "
-                       "digits -> domain FID vs the test split + conditional accuracy; "
-                       "synthsounds -> domain FAD + conditional accuracy (test captions). NFE "
-                       "is counted from real network calls.")
+                       "and score them: toy2d -> RBF-MMD² at the modes' scale + sliced W2 vs the "
+                       "true distribution; digits -> domain FID vs the test split + conditional "
+                       "accuracy; synthsounds -> domain FAD + conditional accuracy (test "
+                       "captions); every dataset -> k-NN precision / recall (k = 5; in the "
+                       "domain classifier's features for digits and synthsounds). NFE is "
+                       "counted from real network calls.")
     e.add_argument("model_dir", help="a model folder (gendistill train output or diffusers)")
     e.add_argument("--dataset", required=True, metavar="NAME", help="toy2d, digits or synthsounds")
     e.add_argument("--num-samples", type=int, metavar="N", help="samples in all (default: "

@@ -30,13 +30,13 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"] == res["rows"]
     keys = {"model", "method", "params", "nfe", "ms_per_sample", "speedup", "score_name",
-            "score", "score_ratio", "cond_acc"}
+            "score", "score_ratio", "cond_acc", "precision", "recall", "sw2"}
     for row in saved["rows"]:
         assert keys <= set(row)
     heun, euler, ctm = saved["rows"]
     assert (heun["nfe"], euler["nfe"], ctm["nfe"]) == (11, 1, 1)  # 6 Heun steps = 2*6 - 1 calls
     assert heun["speedup"] == 1.0 and heun["score_ratio"] == 1.0
-    assert heun["score_name"] == "SW2" and heun["cond_acc"] is None
+    assert heun["score_name"] == "MMD²" and heun["cond_acc"] is None
     for name in ("results.md", "samples.png", "score_vs_nfe.png"):
         assert (tmp_path / "out" / name).stat().st_size > 500
     # a second run reuses both trained models
@@ -57,7 +57,8 @@ def test_presets_have_the_required_rows():
 
 def test_markdown_table():
     row = dict(model="teacher", method="heun", params=10, nfe=35, ms_per_sample=1.0,
-               speedup=1.0, score_name="SW2", score=0.1, score_ratio=1.0, cond_acc=None,
+               speedup=1.0, score_name="MMD²", score=0.1, score_ratio=1.0, cond_acc=None,
+               precision=0.9, recall=0.8, sw2=0.03,
                score_floor=0.01)
     md = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu", "num_samples": 10,
                            "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row]})

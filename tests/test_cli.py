@@ -118,7 +118,7 @@ def test_ctm_distillation_through_the_cli(toy_teacher, tmp_path):
     run("evaluate", str(model), "--dataset", "toy2d", "--num-samples", "40", "--no-progress",
         "--out", str(tmp_path / "r.json"))
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["nfe"] == 1 and result["score_name"] == "SW2"
+    assert result["nfe"] == 1 and result["score_name"] == "MMD²"
     # flags of the other family are refused with one line
     proc = run("generate", str(model), "--sampler", "euler", "--out", str(tmp_path / "x.png"),
                check=False)

@@ -18,6 +18,8 @@ from gendistill.eval.fad import (ClapEmbedding, VGGish, VGGishEmbedding, VGGishF
                                  domain_fad, fad, load_audio_embedding)
 from gendistill.eval.fid import domain_fid, inception_fid, to_inception_input
 from gendistill.eval.frechet import frechet_distance, frechet_distance_of_features, gaussian_stats
+from gendistill.eval.evaluate import domain_precision_recall
+from gendistill.eval.knn import knn_radii, precision_recall
 from gendistill.eval.metrics2d import mmd_rbf, score_2d, sliced_wasserstein
 from gendistill.models.networks import MLPNet, build_network
 from gendistill.pipelines import TeacherPipeline
@@ -114,6 +116,77 @@ def test_score_2d_per_class_on_toy2d():
     assert good["SW2"] < 0.05 and bad["SW2"] > 4 * good["SW2"]
     assert bad["MMD"] > 10 * abs(good["MMD"])
     assert all(bad["per_class"][k]["SW2"] > good["per_class"][k]["SW2"] for k in ds.class_names)
+    assert good["precision"] > 0.95 and bad["precision"] < 0.7
+
+
+# ---------------------------------------------------------------- k-NN precision / recall
+
+def test_precision_recall_exact_on_a_line():
+    """Reals 0..9 (1-NN radius 1); fakes 0.5..4.5 and 20..24 (1-NN radius 1): half the fakes
+    lie in a real ball; reals 0..5 lie within 1 of a fake; each near fake is in two real balls."""
+    real = torch.arange(10.0).unsqueeze(1)
+    fake = torch.cat([torch.arange(5.0) + 0.5, torch.arange(20.0, 25.0)]).unsqueeze(1)
+    assert knn_radii(real, 1).tolist() == [1.0] * 10
+    pr = precision_recall(real, fake, k=1)
+    assert (pr["precision"], pr["recall"], pr["density"], pr["coverage"]) == (0.5, 0.6, 1.0, 0.6)
+    same = precision_recall(real, real, k=1)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    with pytest.raises(ValueError, match="need more than 5 points"):
+        precision_recall(real[:4], fake[:4])
+
+
+def _toy2d_cases(n_per_class=1000):
+    """The exact toy2d distribution, a second sample of it, a blurred copy, and a copy whose
+    ring lost one of its eight modes (its points moved onto the next mode)."""
+    import math
+
+    labels = torch.arange(4).repeat_interleave(n_per_class)
+    g = torch.Generator().manual_seed(0)
+    sample = lambda: load_dataset("toy2d", "test").sample_true(labels, g)  # noqa: E731
+    real, same = sample(), sample()
+    blurred = sample() + 0.12 * torch.randn(len(labels), 2, generator=g)
+    dropped = same.clone()
+    ring = dropped[labels == 0]
+    mode0 = torch.atan2(ring[:, 1], ring[:, 0]).abs() < math.pi / 8
+    ring[mode0] = ring[mode0] @ torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # rotated by 90°
+    dropped[labels == 0] = ring
+    return labels, real, same, blurred, dropped
+
+
+def test_toy2d_metrics_see_blur_and_a_dropped_mode():
+    labels, real, same, blurred, dropped = _toy2d_cases()
+    names = ["ring", "pinwheel", "checkerboard", "spiral"]
+    s_same, s_blur, s_drop = (score_2d(x, labels, real, labels, names)
+                              for x in (same, blurred, dropped))
+    # identical distributions: precision and recall near 1, MMD² near 0
+    assert s_same["precision"] > 0.97 and s_same["recall"] > 0.97
+    assert abs(s_same["MMD"]) < 3e-4
+    # a blur: precision falls, recall does not; MMD² at the modes' scale sees it
+    assert s_blur["precision"] < 0.85 and s_blur["recall"] > 0.97
+    assert s_blur["MMD"] > 10 * abs(s_same["MMD"]) + 2e-3
+    # one of the ring's eight modes dropped: 1/8 of the ring's reals uncovered
+    ring_recall = s_drop["per_class"]["ring"]["recall"]
+    assert ring_recall == pytest.approx(7 / 8, abs=0.03)
+    assert s_drop["per_class"]["ring"]["precision"] > 0.97
+    assert s_drop["per_class"]["ring"]["MMD"] > 10 * abs(s_same["per_class"]["ring"]["MMD"])
+
+
+def test_domain_precision_recall_sees_blur_and_a_dropped_class(digits_test, digits_train):
+    x = digits_test.x
+    same = domain_precision_recall(x, x, "digits")
+    assert same["precision"] == same["recall"] == 1.0
+    real_real = domain_precision_recall(x, digits_train.x, "digits")
+    assert real_real["precision"] > 0.8 and real_real["recall"] > 0.8
+    # blurred digits: a 3x3 box blur keeps the classes but leaves the image manifold
+    blurred = torch.nn.functional.avg_pool2d(digits_train.x, 3, stride=1, padding=1,
+                                             count_include_pad=False)
+    blur = domain_precision_recall(x, blurred, "digits")
+    assert blur["precision"] < real_real["precision"] - 0.15
+    # no zeros: every 0 replaced by another digit of the train split
+    keep = digits_train.x[digits_train.y != 0]
+    no_zero = domain_precision_recall(x, keep[torch.randperm(len(keep))[:len(x)]], "digits")
+    # about a tenth of the reals (the zeros) lose their neighbours
+    assert no_zero["recall"] < real_real["recall"] - 0.06
 
 
 # ---------------------------------------------------------------- domain classifiers
@@ -281,7 +354,8 @@ def toy_teacher():
 def test_evaluate_toy2d_counts_nfe_and_scores():
     pipe = toy_teacher()
     res = evaluate_pipeline(pipe, "toy2d", 200, 0, progress=False, num_inference_steps=2)
-    assert res["score_name"] == "SW2" and res["nfe"] == 3  # Heun, 2 steps: 2 + 1 calls
+    assert res["score_name"] == "MMD²" and res["nfe"] == 3  # Heun, 2 steps: 2 + 1 calls
+    assert res["SW2"] > res["SW2_floor"] and 0 <= res["precision"] <= 1
     assert res["score"] > res["score_floor"] and set(res["per_class"]) == {
         "ring", "pinwheel", "checkerboard", "spiral"}
     assert res["cond_acc"] is None and res["num_samples"] == 200
@@ -301,6 +375,7 @@ def test_evaluate_digits_and_synthsounds_tiny_teachers():
     res = evaluate_pipeline(digits, "digits", 40, 0, progress=False, num_inference_steps=1)
     assert res["score_name"] == "domain FID" and res["score"] > res["score_floor"]
     assert 0 <= res["cond_acc"] <= 1 and res["nfe"] == 1
+    assert res["recall"] < 0.3  # an untrained network makes one kind of image
     sounds = TeacherPipeline(build_network((1, 32, 32), cross_attention_dim=384, channels=(8, 16)),
                              EDMEulerScheduler(), text_encoder_name="all-MiniLM-L6-v2")
     res = evaluate_pipeline(sounds, "synthsounds", 16, 0, progress=False, num_inference_steps=1)
@@ -317,8 +392,8 @@ def test_cli_evaluate_writes_json(tmp_path, capsys):
                  "80", "--steps", "2", "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["model"] == str(tmp_path / "model") and res["dataset"] == "toy2d"
-    assert {"nfe", "score_name", "score", "cond_acc", "MMD"} <= set(res)
-    assert "SW2" in capsys.readouterr().out
+    assert {"nfe", "score_name", "score", "cond_acc", "SW2", "precision", "recall"} <= set(res)
+    assert "MMD²" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -185,8 +185,9 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             "speedup": None, "score_name": result["score_name"],
             "score": round(float(result["score"]), 5), "score_ratio": None,
             "cond_acc": None if result["cond_acc"] is None else round(result["cond_acc"], 4),
+            "precision": round(result["precision"], 4), "recall": round(result["recall"], 4),
             "call": row.call, "score_floor": result.get("score_floor"),
-            **({"mmd": round(result["MMD"], 6)} if "MMD" in result else {}),
+            **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}),
         })
         samples[f"{row.model}/{row.method}"] = (pipe, row.call)
     base = next(r for r in rows if r["model"] == "teacher" and r["method"] == "heun")
@@ -222,21 +223,23 @@ def results_markdown(results: dict) -> str:
         f"Device: {results['device']}. Scores on {results['num_samples']} samples; speed is the "
         f"median of {results['repeats']} calls at batch {results['timing_batch']}. "
         f"`speedup` and `score_ratio` are relative to the teacher's Heun row "
-        f"(lower {score_name} is better).",
+        f"(lower {score_name} is better). Precision and recall: k-NN (k = 5), higher is better; "
+        f"a blurred model loses precision, a dropped mode recall.",
         "",
-        f"| model | method | params | NFE | ms/sample | speedup | {score_name} | ratio | cond acc |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| model | method | params | NFE | ms/sample | speedup | {score_name} | ratio | "
+        f"precision | recall | cond acc |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    has_mmd = "mmd" in rows[0]
-    if has_mmd:
-        lines[-2] += " MMD² |"
+    has_sw2 = "sw2" in rows[0]
+    if has_sw2:
+        lines[-2] += " SW2 |"
         lines[-1] += " ---: |"
     for r in rows:
         acc = "–" if r["cond_acc"] is None else f"{100 * r['cond_acc']:.1f} %"
         lines.append(f"| {r['model']} | {r['method']} | {r['params']:,} | {r['nfe']} | "
                      f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}× | {r['score']:.4g} | "
-                     f"{r['score_ratio']:.3g} | {acc} |" + (f" {r['mmd']:.4g} |" if has_mmd
-                                                            else ""))
+                     f"{r['score_ratio']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{acc} |" + (f" {r['sw2']:.4g} |" if has_sw2 else ""))
     floor = rows[0].get("score_floor")
     if floor is not None:
         lines += ["", f"Reference: {score_name} of real data against real data = {floor:.4g}."]

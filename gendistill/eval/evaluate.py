@@ -1,11 +1,14 @@
 """Score a pipeline on a built-in dataset: generate per condition, then the dataset's metric.
 
-- ``toy2d``: sliced Wasserstein-2 (the score) and RBF-MMD² against fresh exact samples of the
-  true distribution with the same labels, overall and per class.
-- ``digits``: domain FID against the test split (the score), conditional accuracy; Inception
-  FID as well when ``inception_weights`` is given.
+- ``toy2d``: RBF-MMD² at the data's own length scale (the score: a model that blurs the modes
+  cannot pass it), sliced Wasserstein-2, k-NN precision / recall / density / coverage, against
+  fresh exact samples of the true distribution with the same labels, per class and their mean.
+- ``digits``: domain FID against the test split (the score), conditional accuracy, and k-NN
+  precision / recall in the domain classifier's feature space; Inception FID as well when
+  ``inception_weights`` is given.
 - ``synthsounds``: domain FAD against the test split's log-mels (the score), conditional
-  accuracy (sound family named by each caption); prompts are the test-split captions.
+  accuracy (sound family named by each caption), k-NN precision / recall in the classifier's
+  feature space; prompts are the test-split captions.
   VGGish / CLAP FAD as well when their checkpoints are given (both sides vocoded with the
   same vocoder, so the vocoder's own loss is not counted against the model).
 
@@ -26,11 +29,12 @@ import torch
 from .accuracy import caption_families, conditional_accuracy
 from .fad import DOMAIN_FAD, ClapEmbedding, VGGishEmbedding, fad, fad_from_embeddings
 from .fid import DOMAIN_FID, domain_fid, inception_fid
+from .knn import DEFAULT_K, precision_recall
 from .metrics2d import DEFAULT_BANDWIDTH, DEFAULT_PROJECTIONS, score_2d
 
 DATASETS = ("toy2d", "digits", "synthsounds")
 DEFAULT_NUM_SAMPLES = {"toy2d": 2000, "digits": 1000, "synthsounds": 384}
-SCORE_NAMES = {"toy2d": "SW2", "digits": DOMAIN_FID, "synthsounds": DOMAIN_FAD}
+SCORE_NAMES = {"toy2d": "MMD²", "digits": DOMAIN_FID, "synthsounds": DOMAIN_FAD}
 REFERENCE_SEED_OFFSET = 1_000_003
 
 
@@ -175,16 +179,21 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
         reference = test.sample_true(labels, g)
         scores = score_2d(x, labels, reference, labels, test.class_names, seed=seed)
         floor = score_2d(test.sample_true(labels, g), labels, reference, labels, seed=seed)
-        result.update(score=scores["SW2"], MMD=scores["MMD"], per_class=scores["per_class"],
-                      score_floor=floor["SW2"], MMD_floor=floor["MMD"],
+        result.update(score=scores["MMD"], SW2=scores["SW2"], per_class=scores["per_class"],
+                      **{key: scores[key] for key in ("precision", "recall", "density",
+                                                      "coverage")},
+                      score_floor=floor["MMD"], SW2_floor=floor["SW2"],
+                      precision_floor=floor["precision"], recall_floor=floor["recall"],
                       reference=f"{len(reference)} fresh samples of the true distribution",
                       metric_settings={"sw2_projections": DEFAULT_PROJECTIONS,
-                                       "mmd": "unbiased MMD^2, Gaussian kernel",
-                                       "mmd_bandwidth": DEFAULT_BANDWIDTH})
+                                       "mmd": "unbiased MMD^2, Gaussian kernel, mean over "
+                                              "classes", "mmd_bandwidth": DEFAULT_BANDWIDTH,
+                                       "knn_k": DEFAULT_K, "knn": "mean over classes"})
     elif dataset_name == "digits":
         result.update(score=domain_fid(test.x, x, "digits"),
                       cond_acc=conditional_accuracy(x, torch.tensor(conditions), "digits"),
                       score_floor=_score_floor("digits"),
+                      **domain_precision_recall(test.x, x, "digits"),
                       reference=f"digits test split ({len(test)} images)")
         if inception_weights is not None:
             result["FID"] = inception_fid(test.x, x, inception_weights)
@@ -193,6 +202,7 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
                       cond_acc=conditional_accuracy(x, caption_families(conditions),
                                                     "synthsounds"),
                       score_floor=_score_floor("synthsounds"),
+                      **domain_precision_recall(test.x, x, "synthsounds"),
                       reference=f"synthsounds test split ({len(test)} log-mels)")
         if extra_embeddings:
             vocoder = _vocoder(pipe, test)
@@ -204,6 +214,18 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
             result["fad_reference"] = "test split and samples, both through the vocoder"
     result.update(seconds=round(seconds, 3), ms_per_sample=round(1000 * seconds / len(x), 3))
     return result
+
+
+def domain_precision_recall(real, fake, dataset_name: str, k: int = DEFAULT_K) -> dict:
+    """k-NN precision / recall / density / coverage in the domain classifier's penultimate
+    feature space (the space domain FID / FAD are measured in)."""
+    from .classifier import load_classifier
+
+    classifier = load_classifier(dataset_name)
+    with torch.no_grad():
+        features = [torch.cat([classifier.features(b) for b in x.float().split(512)])
+                    for x in (real, fake)]
+    return precision_recall(*features, k)
 
 
 def _domain_embedding():
@@ -228,5 +250,8 @@ def summary_line(result: dict) -> str:
         parts[0] += f" (real-vs-real {result['score_floor']:.3g})"
     if result.get("cond_acc") is not None:
         parts.append(f"cond acc {result['cond_acc']:.3f}")
+    if result.get("SW2") is not None:
+        parts.append(f"SW2 {result['SW2']:.4g}")
+    parts.append(f"precision {result['precision']:.3f}, recall {result['recall']:.3f}")
     parts.append(f"NFE {result['nfe']:g}")
     return ", ".join(parts)

@@ -6,16 +6,24 @@
   For a translation Q = P + m this is ``|m| / sqrt(d)`` (the 1-D W2² is (θ·m)² and
   E(θ·m)² = |m|²/d); ``sliced_wasserstein(..., scale_by_dim=True)`` multiplies by sqrt(d) so
   that a translation reads as its length |m|, the full W2 of a translation.
-- RBF-MMD²: Gaussian kernel ``k(a, b) = exp(−|a − b|² / (2 h²))`` with bandwidth h
-  (default 0.1, in data units: the toy2d distributions span about [−1.5, 1.5]²), the unbiased
-  U-statistic by default (can be slightly negative for identical distributions) or the biased
-  V-statistic.
+- RBF-MMD²: Gaussian kernel ``k(a, b) = exp(−|a − b|² / (2 h²))`` with bandwidth h, the
+  unbiased U-statistic by default (can be slightly negative for identical distributions) or the
+  biased V-statistic. The default h = 0.05 is toy2d's own length scale, the width of its modes
+  (ring std 0.08, spiral 0.04, pinwheel arms 0.05 across): at that scale a model that smears
+  the modes together scores far from one that keeps them, where SW2 barely moves (a 0.12 blur
+  of the true samples: SW2 +33 %, MMD² 0 → 0.0045, precision 0.99 → 0.79).
+
+``score_2d`` scores a conditional model per class (the four toy2d classes overlap in the plane,
+so a label-blind score would not see a sample of the wrong class) and reports the mean over
+classes next to SW2 of all points; precision / recall come from ``knn``.
 """
 from __future__ import annotations
 
 import torch
 
-DEFAULT_BANDWIDTH = 0.1
+from .knn import DEFAULT_K, precision_recall
+
+DEFAULT_BANDWIDTH = 0.05
 DEFAULT_PROJECTIONS = 512
 
 
@@ -74,18 +82,26 @@ def mmd_rbf(x, y, bandwidth: float = DEFAULT_BANDWIDTH, unbiased: bool = True) -
 
 def score_2d(samples, labels, reference, ref_labels, class_names=None,
              bandwidth: float = DEFAULT_BANDWIDTH, num_projections: int = DEFAULT_PROJECTIONS,
-             seed: int = 0) -> dict:
-    """SW2 and MMD² of samples vs reference, overall and per class (keys are class names)."""
+             seed: int = 0, k: int = DEFAULT_K) -> dict:
+    """SW2 of all points; MMD², precision, recall, density and coverage per class and their
+    means over classes (over all points when there are no labels)."""
     samples, reference = torch.as_tensor(samples).cpu(), torch.as_tensor(reference).cpu()
-    out = {"SW2": sliced_wasserstein(samples, reference, num_projections, seed),
-           "MMD": mmd_rbf(samples, reference, bandwidth), "per_class": {}}
-    if labels is not None and ref_labels is not None:
-        labels, ref_labels = torch.as_tensor(labels).cpu(), torch.as_tensor(ref_labels).cpu()
-        for k in sorted(set(labels.tolist())):
-            a, b = samples[labels == k], reference[ref_labels == k]
-            if len(a) < 2 or len(b) < 2:
-                continue
-            name = class_names[k] if class_names else str(k)
-            out["per_class"][name] = {"SW2": sliced_wasserstein(a, b, num_projections, seed),
-                                      "MMD": mmd_rbf(a, b, bandwidth)}
+
+    def scores(a, b):
+        return {"MMD": mmd_rbf(a, b, bandwidth), **precision_recall(b, a, k, seed)}
+
+    out = {"SW2": sliced_wasserstein(samples, reference, num_projections, seed), "per_class": {}}
+    if labels is None or ref_labels is None:
+        return {**out, **scores(samples, reference)}
+    labels, ref_labels = torch.as_tensor(labels).cpu(), torch.as_tensor(ref_labels).cpu()
+    for c in sorted(set(labels.tolist())):
+        a, b = samples[labels == c], reference[ref_labels == c]
+        if len(a) <= k or len(b) <= k:
+            raise ValueError(f"class {c}: {len(a)} samples and {len(b)} reference points; "
+                             f"per-class scores need more than {k} of each")
+        name = class_names[c] if class_names else str(c)
+        out["per_class"][name] = {"SW2": sliced_wasserstein(a, b, num_projections, seed),
+                                  **scores(a, b)}
+    for key in ("MMD", "precision", "recall", "density", "coverage"):
+        out[key] = sum(v[key] for v in out["per_class"].values()) / len(out["per_class"])
     return out
