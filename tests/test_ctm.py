@@ -229,3 +229,137 @@ def test_short_distillation_improves_the_one_step_jump(tmp_path):
     before = evaluate_pipeline(teacher, "toy2d", sampler="euler", **kw)["score"]
     after = evaluate_pipeline(student, "toy2d", **kw)["score"]
     assert after < 0.85 * before, (before, after)
+
+
+# ---------------------------------------------------------------- tests that catch wrong formulas
+
+def test_student_reads_s_and_omega():
+    """g(x, t, s, omega) changes with s (even between neighbouring grid points) and with omega
+    once the extra embeddings are trained; without the hook into the time embedding it would
+    not."""
+    student = CTMStudent.from_teacher(build_network((2,), num_classes=4, width=32, depth=2),
+                                      0.5, 0.002, embed_guidance=True)
+    for emb in (student.s_embedding, student.guidance_embedding):
+        torch.nn.init.normal_(emb.linear_2.weight, std=0.5)
+    x, y, t = torch.randn(8, 2), torch.arange(8) % 4, torch.full((8,), 5.0)
+    grid = karras_sigmas(18)
+    with torch.no_grad():
+        g = lambda s, w=2.0: student(x, t, s, y, w, return_denoised=True)  # noqa: E731
+        for a, b in zip(grid[-6:-1], grid[-5:]):  # neighbouring small s are told apart
+            assert (g(a) - g(b)).abs().max() > 1e-4
+        assert (g(0.1, 2.0) - g(0.1, 4.0)).abs().max() > 1e-3
+
+
+def test_s_is_uniform_from_u_to_the_end_of_the_grid():
+    n, grid = 300_000, 6
+    times = sample_ctm_times(n, grid, generator=torch.Generator().manual_seed(1))
+    pick = (times.i == 0) & (times.k == 1)
+    counts = torch.bincount(times.j[pick], minlength=grid)[1:].float()
+    torch.testing.assert_close(counts / counts.sum(), torch.full((grid - 1,), 1 / (grid - 1)),
+                               atol=0.03, rtol=0)
+
+
+def test_gamma_step_lands_at_sqrt_one_minus_gamma_squared():
+    sched = CTMScheduler()
+    sched.set_timesteps(3, gamma=0.6)
+    t_next, sigma_min = float(sched.sigmas[1]), 0.002
+    assert sched.jump(0)[1] == pytest.approx(0.8 * (t_next - sigma_min) + sigma_min)
+
+
+def test_teacher_features_are_taken_at_the_given_level():
+    teacher = EDMDenoiser(build_network((2,), num_classes=4, width=32, depth=2), 0.5)
+    x, y = torch.randn(6, 2), torch.arange(6) % 4
+    est = x + 0.1
+    near, far = (teacher_feature_distance(teacher, est, x, torch.full((6,), s), y)
+                 for s in (0.01, 80.0))
+    assert (near - far).abs().max() > 1e-6
+
+
+class Recorder(nn.Module):
+    """Wraps a network and records (t, s, grad enabled) of every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, s, *args, **kw):
+        self.calls.append((torch.as_tensor(t).clone(), torch.as_tensor(s).clone(),
+                           torch.is_grad_enabled()))
+        return self.net(x, t, s, *args, **kw)
+
+    @property
+    def last_layer(self):
+        return self.net.last_layer
+
+
+def ctm_training(tmp_path, *overrides):
+    from diffusers import EDMEulerScheduler
+
+    from gendistill.config import load_config
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.pipelines import TeacherPipeline
+
+    net = build_network((2,), num_classes=4, width=32, depth=2)
+    teacher = TeacherPipeline(net, EDMEulerScheduler())
+    cfg = load_config("configs/ctm/toy2d.yaml", [f"output_dir={tmp_path}", "ctm.num_grid=8",
+                                                 *overrides])
+    return CTMTraining(cfg, teacher, torch.tensor(4))
+
+
+@pytest.mark.parametrize("inner", ["ema", "online"])
+def test_ctm_loss_wiring(tmp_path, monkeypatch, inner):
+    """The teacher runs from t = grid[i] for k steps; the target jumps u = grid[i+k] -> s =
+    grid[j] with the EMA (or the online network, without gradient); the estimate jumps t -> s
+    with gradient; the feature distance is taken at s; no gradient reaches the target."""
+    import gendistill.methods.ctm as ctm
+
+    method = ctm_training(tmp_path, f"ctm.target_inner={inner}", "train.cond_dropout=0")
+    fixed = ctm.CTMTimes(torch.tensor([0, 2, 3]), torch.tensor([2, 1, 4]), torch.tensor([5, 3, 7]))
+    monkeypatch.setattr(ctm, "sample_ctm_times", lambda *a, **k: fixed)
+    solves, levels = [], []
+    real_solve = ctm.teacher_solve
+
+    def solve(teacher, x, grid, start, steps, *a):
+        solves.append((start.clone(), steps.clone()))
+        return real_solve(teacher, x, grid, start, steps, *a)
+
+    monkeypatch.setattr(ctm, "teacher_solve", solve)
+    real_features = method.teacher.features
+    monkeypatch.setattr(method.teacher, "features",
+                        lambda x, sigma, c=None: levels.append(sigma.clone()) or
+                        real_features(x, sigma, c))
+    method.model, method.target.model = Recorder(method.model), Recorder(method.target.model)
+    loss, _ = method.loss((torch.randn(3, 2), torch.tensor([0, 1, 2])), step=0)
+    grid = method.grid
+    assert torch.equal(solves[0][0], fixed.i) and torch.equal(solves[0][1], fixed.k)
+    u, s, t = grid[fixed.i + fixed.k], grid[fixed.j], grid[fixed.i]
+    inner_net = method.target.model if inner == "ema" else method.model
+    target_call = inner_net.calls[0]
+    torch.testing.assert_close(target_call[0], u)
+    torch.testing.assert_close(target_call[1], s)
+    assert target_call[2] is False                      # the target is computed without grad
+    estimate_call = next(c for c in method.model.calls if c[2] and c[0].shape == t.shape
+                         and torch.equal(c[0], t))
+    torch.testing.assert_close(estimate_call[1], s)
+    assert len(levels) == 2 and all(torch.equal(lv, s) for lv in levels)
+    loss.backward()
+    assert all(p.grad is None for p in method.target.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.model.parameters())
+
+
+def test_teacher_targets_run_in_fp32_under_autocast():
+    """The training loop's autocast must not reach the teacher's Heun targets or features."""
+    teacher = EDMDenoiser(build_network((2,), num_classes=4, width=32, depth=2), 0.5)
+    grid = karras_sigmas(6)
+    x, y = torch.randn(4, 2) * 80, torch.arange(4)
+    start, steps = torch.zeros(4, dtype=torch.long), torch.full((4,), 3)
+    reference = teacher_solve(teacher, x, grid, start, steps, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = teacher_solve(teacher, x, grid, start, steps, y)
+        feats = teacher.features(x, grid[start], y)
+        with torch.no_grad():
+            d = teacher_feature_distance(teacher, x.bfloat16(), x, grid[start], y)
+    assert feats[0].dtype == torch.bfloat16  # autocast is on here ...
+    assert mixed.dtype == torch.float32      # ... but not inside the teacher's solve
+    torch.testing.assert_close(mixed, reference, rtol=0, atol=0)
+    assert d.dtype == torch.float32

@@ -3,4 +3,4 @@ from .sigmas import *  # noqa: F401,F403
 from .solvers import SAMPLERS, heun_step, sample_euler, sample_heun, to_d  # noqa: F401
 from .teachers import (Denoiser, EDMDenoiser, FlowDenoiser, NFECounter, VPDenoiser,  # noqa: F401
                        call_network, cfg_denoise, denoiser_from_scheduler, feature_modules,
-                       tap_features)
+                       full_precision, tap_features)

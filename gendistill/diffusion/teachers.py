@@ -75,6 +75,12 @@ class Denoiser(nn.Module):
         return feats
 
 
+def full_precision(device: torch.device):
+    """A block where autocast is off: the teacher's targets and feature maps are computed in
+    fp32 whatever the training loop's mixed precision (SoundCTM keeps its teacher out of it)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 @contextmanager
 def tap_features(net: nn.Module):
     """Collect the outputs of ``feature_modules(net)`` during the forward passes in the block."""

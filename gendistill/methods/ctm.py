@@ -2,10 +2,11 @@
 
 The student G(x_t, t, s) learns to jump along the teacher's probability-flow ODE:
 
-  L_CTM = d( G_theta(x_t, t, s),  G_theta-(Heun_k(x_t: t -> u), u, s) ),  t = s_i, u = s_{i+k}, s = s_j
+  L_CTM = d( G_theta(x_t, t, s),  G_sg(Heun_k(x_t: t -> u), u, s) ),  t = s_i, u = s_{i+k}, s = s_j
   L     = L_CTM + w * lambda_DSM * lambda(sigma) ||g_theta(x_sigma, sigma, sigma) - x_0||^2
 
-with theta- the EMA of theta, k ~ P(k) ∝ k, the distance d measured in the teacher's feature space
+with G_sg the EMA theta- of theta (``ctm.target_inner=ema``) or theta itself without gradient
+(``online``, CTM's choice), k ~ P(k) ∝ k, the distance d measured in the teacher's feature space
 (SoundCTM, default) or in l2, at time s ("zs", SoundCTM) or after mapping both to sigma_min with
 the EMA student ("z0", CTM). See DESIGN.md section 4.
 """
@@ -18,8 +19,8 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.conditioning import drop_conditions
-from ..diffusion import (Denoiser, EDMDenoiser, append_dims, edm_loss_weight, heun_step,
-                         karras_sigmas, sample_half_lognormal)
+from ..diffusion import (Denoiser, EDMDenoiser, append_dims, edm_loss_weight, full_precision,
+                         heun_step, karras_sigmas, sample_half_lognormal)
 from ..models.student import CTMStudent
 from ..training.ema import EMA
 
@@ -47,16 +48,18 @@ def sample_ctm_times(n: int, num_grid: int, max_jump: int | None = None, device=
 @torch.no_grad()
 def teacher_solve(teacher: Denoiser, x: torch.Tensor, grid: torch.Tensor, start: torch.Tensor,
                   steps: torch.Tensor, cond=None, guidance=1.0) -> torch.Tensor:
-    """Heun from grid[start] down to grid[start + steps], per sample; only rows still moving
-    are sent through the teacher."""
-    x = x.clone()
+    """Heun from grid[start] down to grid[start + steps], per sample, in fp32; only rows still
+    moving are sent through the teacher."""
+    x = x.float().clone()
+    grid = grid.float()
     per_sample_guidance = torch.is_tensor(guidance)
-    for m in range(int(steps.max())):
-        rows = (steps > m).nonzero().flatten()
-        idx = start[rows] + m
-        x[rows] = heun_step(teacher, x[rows], grid[idx], grid[idx + 1],
-                            None if cond is None else cond[rows],
-                            guidance[rows] if per_sample_guidance else guidance)
+    with full_precision(x.device):
+        for m in range(int(steps.max())):
+            rows = (steps > m).nonzero().flatten()
+            idx = start[rows] + m
+            x[rows] = heun_step(teacher, x[rows], grid[idx], grid[idx + 1],
+                                None if cond is None else cond[rows],
+                                guidance[rows] if per_sample_guidance else guidance)
     return x
 
 
@@ -71,10 +74,14 @@ def normalized_feature_distance(feats_a, feats_b) -> torch.Tensor:
 
 
 def teacher_feature_distance(teacher: Denoiser, estimate, target, sigma, cond=None):
-    """SoundCTM's distance: both inputs through the frozen teacher at noise level sigma."""
-    with torch.no_grad():
-        target_feats = teacher.features(target, sigma, cond)
-    return normalized_feature_distance(teacher.features(estimate, sigma, cond), target_feats)
+    """SoundCTM's distance: both inputs through the frozen teacher at noise level sigma, in
+    fp32 (gradients flow through the teacher into ``estimate``)."""
+    sigma = sigma.float()
+    with full_precision(estimate.device):
+        with torch.no_grad():
+            target_feats = teacher.features(target.float(), sigma, cond)
+        return normalized_feature_distance(teacher.features(estimate.float(), sigma, cond),
+                                           target_feats)
 
 
 def l2_distance(estimate, target) -> torch.Tensor:
@@ -103,11 +110,12 @@ def adaptive_weight(loss_main: torch.Tensor, loss_aux: torch.Tensor, last_layer:
     return (g_main.norm() / (g_aux.norm() + 1e-4)).clamp(0, max_weight).detach()
 
 
-def dsm_loss(student, x0, cond=None, sigma_data: float = 0.5) -> torch.Tensor:
-    """lambda(sigma) ||g(x_sigma, sigma, sigma) - x_0||^2, sigma from the half-lognormal sampler."""
+def dsm_loss(student, x0, cond=None, sigma_data: float = 0.5, guidance=None) -> torch.Tensor:
+    """lambda(sigma) ||g(x_sigma, sigma, sigma, omega) - x_0||^2, sigma from the half-lognormal
+    sampler; a CFG-distilled student is fed the batch's sampled omega, as in SoundCTM."""
     sigma = sample_half_lognormal(x0.shape[0], device=x0.device)
     x = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
-    denoised = student(x, sigma, sigma, cond, None, return_denoised=True)
+    denoised = student(x, sigma, sigma, cond, guidance, return_denoised=True)
     err = ((denoised - x0) ** 2).flatten(1).mean(1)
     return (edm_loss_weight(sigma, sigma_data) * err).mean()
 
@@ -119,6 +127,8 @@ class CTMTraining:
         c = cfg.ctm
         if c.match_point not in ("zs", "z0"):
             raise ConfigError(f"ctm.match_point: expected zs or z0, got {c.match_point!r}")
+        if c.target_inner not in ("ema", "online"):
+            raise ConfigError(f"ctm.target_inner: expected ema or online, got {c.target_inner!r}")
         if c.distance not in ("teacher_feature", "l2", "lpips"):
             raise ConfigError(f"ctm.distance: expected teacher_feature, l2 or lpips, got "
                               f"{c.distance!r}")
@@ -133,7 +143,8 @@ class CTMTraining:
         self.teacher = teacher.eval().requires_grad_(False)
         self.distill_guidance = c.guidance_max > 1.0
         self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
-                                             embed_guidance=self.distill_guidance)
+                                             embed_guidance=self.distill_guidance,
+                                             s_log_scale=c.s_log_scale)
         self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.train.lr)
         # theta-: the target network, its own EMA (the loop's EMA is what gets exported)
@@ -168,10 +179,11 @@ class CTMTraining:
         t, u, s = grid[times.i], grid[times.i + times.k], grid[times.j]
         x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
         target_net = self.target.model
+        inner_net = target_net if c.target_inner == "ema" else self.model
         with torch.no_grad():
             x_u = teacher_solve(self.teacher, x_t, grid, times.i, times.k, cond,
                                 1.0 if guidance is None else guidance)
-            target = target_net(x_u, u, s, cond, guidance)
+            target = inner_net(x_u, u, s, cond, guidance)
         estimate = self.model(x_t, t, s, cond, guidance)
         level = s
         if c.match_point == "z0":
@@ -183,7 +195,7 @@ class CTMTraining:
         logs = {"ctm": loss_ctm.detach()}
         if c.denoising_weight <= 0:
             return loss_ctm, logs
-        loss_dsm = dsm_loss(self.model, x0, cond, self.teacher.sigma_data)
+        loss_dsm = dsm_loss(self.model, x0, cond, self.teacher.sigma_data, guidance)
         student = getattr(self.model, "module", self.model)
         weight = adaptive_weight(loss_ctm, loss_dsm, student.last_layer)
         logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)

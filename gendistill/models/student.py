@@ -34,7 +34,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, network_class: str, network_config: dict, sigma_data: float = SIGMA_DATA,
                  sigma_min: float = SIGMA_MIN, embed_guidance: bool = False,
-                 embedding_channels: int = 64):
+                 embedding_channels: int = 64, s_log_scale: float = 0.25):
         super().__init__()
         if network_class not in NETWORK_CLASSES:
             raise ValueError(f"unsupported student network {network_class!r} "
@@ -53,10 +53,10 @@ class CTMStudent(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_teacher(cls, network: nn.Module, sigma_data: float, sigma_min: float,
-                     embed_guidance: bool) -> "CTMStudent":
+                     embed_guidance: bool, s_log_scale: float = 0.25) -> "CTMStudent":
         """A student whose network starts as a copy of the teacher network's weights."""
         student = cls(type(network).__name__, dict(network.config), sigma_data, sigma_min,
-                      embed_guidance)
+                      embed_guidance, s_log_scale=s_log_scale)
         student.network.load_state_dict(network.state_dict())
         return student
 
@@ -68,8 +68,10 @@ class CTMStudent(ModelMixin, ConfigMixin):
         return self.config.embed_guidance
 
     def extra_embedding(self, s: torch.Tensor, guidance=None) -> torch.Tensor:
-        # s = 0 (the final jump) shares the embedding of sigma_min
-        s_noise = s.clamp_min(self.config.sigma_min).log() / 4
+        # s = 0 (the final jump) shares the embedding of sigma_min; the sinusoid sees
+        # s_log_scale * ln s (EDM's c_noise 0.25 by default, CTM's 250 spreads it over all
+        # frequencies)
+        s_noise = self.config.s_log_scale * s.clamp_min(self.config.sigma_min).log()
         emb = self.s_embedding(self.s_proj(s_noise).to(self.dtype))
         if self.has_guidance:
             w = torch.as_tensor(1.0 if guidance is None else guidance, device=s.device,

@@ -108,8 +108,9 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
                                 f"updating weights (last checkpoint: {ckpt or 'none'})")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        if tc.grad_clip > 0 and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        # the norm before clipping is logged: a clip that is active on every step shows here
+        grad_norm = accelerator.clip_grad_norm_(
+            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
         ema.update(accelerator.unwrap_model(model))
@@ -119,7 +120,7 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
         bar.update(1)
         if counter.step % tc.log_every == 0 or counter.step == tc.max_steps:
             logs = {"loss": loss.item(), **{k: float(v) for k, v in logs.items()},
-                    "lr": scheduler.get_last_lr()[0]}
+                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             accelerator.log(logs, step=counter.step)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
         if tc.checkpoint_every > 0 and counter.step % tc.checkpoint_every == 0 \
