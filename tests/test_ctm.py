@@ -199,14 +199,31 @@ def test_tampered_shim_needs_explicit_trust(tmp_path):
         CTMPipeline.from_pretrained(tmp_path)
 
 
-def test_lpips_without_weights_is_a_clear_error(monkeypatch, tmp_path):
+def test_lpips_without_weights_or_torchvision_is_a_clear_error(monkeypatch, tmp_path):
     from gendistill.config import ConfigError
-    from gendistill.methods.ctm import lpips_distance
+    from gendistill.methods.ctm import lpips_distance, lpips_network
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    lpips_network.cache_clear()
     with pytest.raises(ConfigError, match="needs torchvision's VGG16 weights"):
         lpips_distance(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(ConfigError, match="needs torchvision: pip install torchvision"):
+        lpips_network()
+    lpips_network.cache_clear()
+
+
+def test_lpips_inputs_as_ctm_feeds_them():
+    from gendistill.methods.ctm import lpips_inputs
+
+    x = torch.linspace(-1.5, 1.5, 2 * 2 * 8 * 8).view(2, 2, 8, 8)  # out of [-1, 1], 2 channels
+    y = lpips_inputs(x)
+    assert y.shape == (4, 3, 224, 224)                   # one grey image per channel
+    assert y.min() < -1.2 and y.max() > 1.2               # not clamped
+    ref = nn.functional.interpolate(x[1:2, 0:1], size=224, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(y[2, 1], ref[0, 0])
+    assert lpips_inputs(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 224, 224)
 
 
 @pytest.mark.slow

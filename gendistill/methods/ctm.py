@@ -13,9 +13,11 @@ the EMA student ("z0", CTM). See DESIGN.md section 4.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import Config, ConfigError
 from ..data.conditioning import drop_conditions
@@ -88,18 +90,42 @@ def l2_distance(estimate, target) -> torch.Tensor:
     return ((estimate - target) ** 2).flatten(1).mean(1)
 
 
-def lpips_distance(estimate, target) -> torch.Tensor:
-    """LPIPS (VGG) on images; needs torchvision's VGG16 weights already in the torch hub cache,
-    since nothing is downloaded at run time."""
-    from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity
+LPIPS_SIZE = 224
 
-    rgb = lambda x: x.clamp(-1, 1).expand(-1, 3, -1, -1)  # noqa: E731
+
+@lru_cache(maxsize=1)
+def lpips_network():
+    """The LPIPS (VGG) network of torchmetrics, built once. torchmetrics' functional form is
+    not used: it rejects inputs outside [-1, 1], and a student's output is not clamped."""
     try:
-        return learned_perceptual_image_patch_similarity(rgb(estimate), rgb(target),
-                                                         net_type="vgg", reduction="none")
+        import torchvision  # noqa: F401
+        from torchmetrics.functional.image.lpips import _NoTrainLpips
+    except ImportError:
+        raise ConfigError("ctm.distance=lpips needs torchvision: pip install torchvision") \
+            from None
+    try:
+        return _NoTrainLpips(net="vgg").eval().requires_grad_(False)
     except OSError as e:  # urllib's URLError: the weights are not on disk
         raise ConfigError("ctm.distance=lpips needs torchvision's VGG16 weights in the torch "
                           f"hub cache ({torch.hub.get_dir()}); none are downloaded") from e
+
+
+def lpips_inputs(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) model-space images -> (B*C, 3, 224, 224) as CTM feeds LPIPS: bilinear
+    resize to 224, values left as they are (no clamp); each channel of a non-RGB image (grey,
+    a mel spectrogram, latents) is a grey image of its own."""
+    x = nn.functional.interpolate(x.float(), size=(LPIPS_SIZE, LPIPS_SIZE), mode="bilinear",
+                                  align_corners=False)
+    return x if x.shape[1] == 3 else x.flatten(0, 1).unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def lpips_distance(estimate, target) -> torch.Tensor:
+    """LPIPS (VGG) per sample, the mean over channels for non-RGB images."""
+    net = lpips_network().to(estimate.device)
+    channels = 1 if estimate.shape[1] == 3 else estimate.shape[1]
+    with full_precision(estimate.device):
+        d = net(lpips_inputs(estimate), lpips_inputs(target), normalize=False)
+    return d.view(estimate.shape[0], channels).mean(1)
 
 
 def adaptive_weight(loss_main: torch.Tensor, loss_aux: torch.Tensor, last_layer: torch.Tensor,
