@@ -1,4 +1,5 @@
-"""Teachers shipped inside the package, trained by the project's own configs (see Makefile)."""
+"""Teachers and distilled students shipped inside the package, trained by the project's own
+configs (see Makefile: ``make teachers``, ``make students``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,4 +13,13 @@ def builtin_teacher(name: str) -> Path:
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no shipped teacher for {name!r} at {path}; train one with "
                                 f"`gendistill train configs/teacher/{name}.yaml`")
+    return path
+
+
+def builtin_student(name: str) -> Path:
+    """The shipped 1-step CTM student of a built-in dataset's shipped teacher."""
+    path = ASSETS / "students" / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no shipped student for {name!r} at {path}; train one with "
+                                f"`gendistill train configs/ctm/{name}.yaml`")
     return path

@@ -76,6 +76,8 @@ class CTMConfig:
     guidance_min: float = 1.0      # CFG distillation: omega ~ U[min, max] per sample;
     guidance_max: float = 1.0      # min = max = 1 trains an unguided student
     target_ema: float = 0.999      # EMA rate of the target network theta- (CTM: 0.999; iCT: 0)
+    gan_weight: float = 0.0        # CTM's GAN term (adaptive weight in [0.01, 10]); 0 = off
+    gan_start: int = 0             # the step the GAN term and its discriminator switch on
     s_log_scale: float = 0.25      # the student's s embedding reads s_log_scale * ln(s)
     target_inner: str = "ema"      # the u -> s jump of the target: ema (theta-) or online
                                    # (theta without gradient, CTM); z0 maps to sigma_min with ema

@@ -380,3 +380,51 @@ def test_teacher_targets_run_in_fp32_under_autocast():
     assert mixed.dtype == torch.float32      # ... but not inside the teacher's solve
     torch.testing.assert_close(mixed, reference, rtol=0, atol=0)
     assert d.dtype == torch.float32
+
+
+def test_feature_discriminator_on_unet_and_mlp_features():
+    from gendistill.methods.ctm import hinge_discriminator_loss
+    from gendistill.models.discriminator import FeatureDiscriminator
+
+    for net, x, cond in ((tiny_unet(), torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])),
+                         (build_network((2,), num_classes=4, width=32, depth=2),
+                          torch.randn(3, 2), torch.tensor([0, 1, 2]))):
+        teacher = EDMDenoiser(net, 0.5)
+        feats = teacher.features(x, torch.ones(3), cond)
+        disc = FeatureDiscriminator.for_features(feats)
+        assert len(disc.heads) == len(feats) and disc(feats).shape == (3,)
+    # hinge: zero once real logits >= 1 and fake logits <= -1
+    assert hinge_discriminator_loss(torch.tensor([1.5, 1.0]), torch.tensor([-2.0])) == 0
+    assert hinge_discriminator_loss(torch.tensor([0.0]), torch.tensor([0.0])) == 2
+
+
+def test_gan_term_trains_the_heads_never_the_teacher(tmp_path):
+    """ctm.gan_weight > 0: after gan_start the discriminator heads step on the hinge loss, the
+    generator gets the adaptive GAN weight in [0.01, 10], and the teacher stays frozen."""
+    from diffusers import EDMEulerScheduler
+
+    from gendistill.config import load_config
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.pipelines import TeacherPipeline
+    from gendistill.training import train
+    from gendistill.train import data_loader
+    from gendistill.data import load_dataset
+
+    net = build_network((2,), num_classes=4, width=32, depth=2)
+    teacher = TeacherPipeline(net, EDMEulerScheduler())
+    teacher.set_progress_bar_config(disable=True)
+    cfg = load_config("configs/ctm/toy2d.yaml", [
+        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.gan_weight=1", "ctm.gan_start=2",
+        "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
+        "train.checkpoint_every=0"])
+    method = CTMTraining(cfg, teacher, torch.tensor(4))
+    heads = {k: v.clone() for k, v in method.discriminator.state_dict().items()}
+    teacher_weights = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+    real_aux = method.auxiliary_loss
+    method.auxiliary_loss = lambda b, s: seen.append(s) or real_aux(b, s)
+    ds = load_dataset("toy2d", "train")
+    train(cfg, method, data_loader(ds.x, ds.y, 16, 0))
+    assert [s for s in seen if method.gan_active(s)] == [2, 3]
+    assert any(not v.equal(method.discriminator.state_dict()[k]) for k, v in heads.items())
+    assert all(v.equal(net.state_dict()[k]) for k, v in teacher_weights.items())

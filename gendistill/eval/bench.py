@@ -59,19 +59,55 @@ def _ctm_rows() -> list[Row]:
             Row("ctm-1-l2", "ctm", "ctm-l2", {"num_inference_steps": 1})]
 
 
+OLD_CTM_RECIPE = ["train.lr=2e-4", "ctm.denoising_weight=1.0"]
+TOY2D_ABLATION = {
+    "old-recipe": OLD_CTM_RECIPE,
+    "old+lr1e-3": ["train.lr=1e-3", "ctm.denoising_weight=1.0"],
+    "old+online-target": [*OLD_CTM_RECIPE, "ctm.target_inner=online"],
+    "old+no-clip": [*OLD_CTM_RECIPE, "train.grad_clip=0"],
+    "new-default": [],
+    "new-no-dsm": ["ctm.denoising_weight=0"],
+    "new-s-embed-250": ["ctm.s_log_scale=250"],
+    "new-l2": ["ctm.distance=l2"],
+    "new-z0-online": ["ctm.match_point=z0", "ctm.target_inner=online"],
+    "new-batch-64": ["train.batch_size=64"],
+}
+
 PRESETS = {
     "toy2d": Preset(
         dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
         students={"ctm": Student("configs/ctm/toy2d.yaml"),
-                  "ctm-l2": Student("configs/ctm/toy2d.yaml", ["ctm.distance=l2"])},
-        rows=_teacher_rows(18) + _ctm_rows(), num_samples=4000, quick_num_samples=1000,
+                  "ctm-l2": Student("configs/ctm/toy2d.yaml", ["ctm.distance=l2"]),
+                  # CTM's GAN fine-tune: the last third of the run adds the GAN term
+                  "ctm-gan": Student("configs/ctm/toy2d.yaml",
+                                     ["ctm.gan_weight=1", "ctm.gan_start=2000"])},
+        rows=_teacher_rows(18) + _ctm_rows() + [
+            Row("ctm-1-gan", "ctm", "ctm-gan", {"num_inference_steps": 1})],
+        num_samples=4000, quick_num_samples=1000,
         quick_overrides=["train.max_steps=300"], timing_batch=256),
     "digits": Preset(
         dataset="digits", teacher_config="configs/teacher/digits.yaml",
         students={"ctm": Student("configs/ctm/digits.yaml"),
                   "ctm-l2": Student("configs/ctm/digits.yaml", ["ctm.distance=l2"])},
-        rows=_teacher_rows(18) + _ctm_rows(), num_samples=1000, quick_num_samples=300,
+        # the CFG-distilled student at omega = 3, read against the teacher at omega = 3
+        rows=_teacher_rows(18) + _ctm_rows() + [
+            Row("teacher", "heun-w3", "teacher",
+                {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0}),
+            Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})],
+        num_samples=1000, quick_num_samples=300,
         quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
+    # Why the 1-step toy2d student blurred (issue 7): one change per row against the old
+    # recipe (lr 2e-4, DSM weight 1) and the new default (lr 1e-3, DSM weight 0.1), 1000 steps
+    # each, 1 step at sampling.
+    "toy2d-ablation": Preset(
+        dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
+        students={name: Student("configs/ctm/toy2d.yaml", ["train.max_steps=1000",
+                                                           "train.checkpoint_every=0", *extra])
+                  for name, extra in TOY2D_ABLATION.items()},
+        rows=_teacher_rows(18)[:1] + [Row(name, "ctm", name, {"num_inference_steps": 1})
+                                      for name in TOY2D_ABLATION],
+        num_samples=4000, quick_num_samples=1000, quick_overrides=["train.max_steps=100"],
+        timing_batch=256),
     "synthsounds": Preset(
         dataset="synthsounds", teacher_config="configs/teacher/synthsounds.yaml",
         students={}, rows=_teacher_rows(18), num_samples=384, quick_num_samples=96,
@@ -135,6 +171,17 @@ def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> float:
     return 1000 * statistics.median(times) / len(conditions)
 
 
+def guidance_of(row: dict) -> float:
+    return float(row["call"].get("guidance_scale", 1.0))
+
+
+def teacher_row_for(rows: list[dict], row: dict) -> dict:
+    """The teacher's Heun row a row is read against: the one at the same guidance scale omega
+    (a CFG-distilled student at omega = 3 against the teacher at omega = 3)."""
+    heun = [r for r in rows if r["model"] == "teacher" and r["method"].startswith("heun")]
+    return next((r for r in heun if guidance_of(r) == guidance_of(row)), heun[0])
+
+
 def run_bench(preset: str | Preset, out: Path, quick: bool = False,
               cache_dir: Path = Path("runs/bench-cache"), repeats: int = 5, log=print) -> dict:
     """Train or reuse every model of ``preset`` (a name of PRESETS, or a Preset), evaluate
@@ -190,8 +237,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}),
         })
         samples[f"{row.model}/{row.method}"] = (pipe, row.call)
-    base = next(r for r in rows if r["model"] == "teacher" and r["method"] == "heun")
     for r in rows:
+        base = teacher_row_for(rows, r)
         r["speedup"] = round(base["ms_per_sample"] / r["ms_per_sample"], 2)
         r["score_ratio"] = round(r["score"] / base["score"], 4) if base["score"] else None
 
@@ -222,7 +269,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"Device: {results['device']}. Scores on {results['num_samples']} samples; speed is the "
         f"median of {results['repeats']} calls at batch {results['timing_batch']}. "
-        f"`speedup` and `score_ratio` are relative to the teacher's Heun row "
+        f"`speedup` and `score_ratio` are relative to the teacher's Heun row at the same "
+        f"guidance scale ω "
         f"(lower {score_name} is better). Precision and recall: k-NN (k = 5), higher is better; "
         f"a blurred model loses precision, a dropped mode recall.",
         "",

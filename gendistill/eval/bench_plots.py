@@ -20,9 +20,18 @@ def row_samples(pipe, call: dict, dataset, per_condition: int):
 
 
 def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
+    plot_samples(preset.dataset, samples, out / "samples.png")
+    plot_score_vs_nfe(preset.dataset, rows, out / "score_vs_nfe.png")
+
+
+def plot_samples(dataset_name: str, samples: dict, path: Path):
+    """Samples of every ``name: (pipe, call)`` side by side, the same conditions and seed for
+    each: 2-D points one class per row beside the true distribution, images as class-by-row
+    grids, audio as spectrograms (one file per model, ``spectrograms_<name>.png``)."""
     from ..data import load_dataset
 
-    test = load_dataset(preset.dataset, "test")
+    out = path.parent
+    test = load_dataset(dataset_name, "test")
     kind = test.kind
     names = list(samples)
     per_condition = 400 if kind == "vector" else 8
@@ -50,7 +59,7 @@ def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
                 if k == 0:
                     ax.set_ylabel(class_name, fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "samples.png", dpi=100)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
     elif kind == "image":
         fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.6))
@@ -62,7 +71,7 @@ def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
             ax.set_title(name, fontsize=9)
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(out / "samples.png", dpi=110)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
     else:
         for name in names:
@@ -70,6 +79,9 @@ def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
             save_spectrograms(out / f"spectrograms_{name.replace('/', '_')}.png",
                               result.latents.float().numpy(), [str(c)[:28] for c in
                                                                result.conditions])
+
+
+def plot_score_vs_nfe(dataset_name: str, rows: list[dict], path: Path):
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for r in rows:
         ax.scatter(r["nfe"], r["score"], s=25)
@@ -78,7 +90,7 @@ def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel(rows[0]["score_name"])
-    ax.set_title(f"{preset.dataset}: score vs NFE")
+    ax.set_title(f"{dataset_name}: score vs NFE")
     fig.tight_layout()
-    fig.savefig(out / "score_vs_nfe.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -22,7 +22,8 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data.conditioning import drop_conditions
 from ..diffusion import (Denoiser, EDMDenoiser, append_dims, edm_loss_weight, full_precision,
-                         heun_step, karras_sigmas, sample_half_lognormal)
+                         heun_step, karras_sigmas, sample_half_lognormal, sample_lognormal)
+from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent
 from ..training.ema import EMA
 
@@ -129,11 +130,25 @@ def lpips_distance(estimate, target) -> torch.Tensor:
 
 
 def adaptive_weight(loss_main: torch.Tensor, loss_aux: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1e3) -> torch.Tensor:
-    """||grad_last L_main|| / (||grad_last L_aux|| + 1e-4), clamped to [0, max], no gradient."""
+                    max_weight: float = 1e3, min_weight: float = 0.0) -> torch.Tensor:
+    """||grad_last L_main|| / (||grad_last L_aux|| + 1e-4), clamped to [min, max], no
+    gradient."""
     g_main = torch.autograd.grad(loss_main, last_layer, retain_graph=True)[0]
     g_aux = torch.autograd.grad(loss_aux, last_layer, retain_graph=True)[0]
-    return (g_main.norm() / (g_aux.norm() + 1e-4)).clamp(0, max_weight).detach()
+    return (g_main.norm() / (g_aux.norm() + 1e-4)).clamp(min_weight, max_weight).detach()
+
+
+def discriminator_logits(teacher: Denoiser, discriminator, x, cond=None) -> torch.Tensor:
+    """D(x): the heads on the frozen teacher's features of x noised at a random sigma (EDM's
+    training distribution), in fp32; gradients reach x but never the teacher's weights."""
+    sigma = sample_lognormal(x.shape[0], device=x.device)
+    x = x.float() + append_dims(sigma, x.ndim) * torch.randn_like(x, dtype=torch.float)
+    with full_precision(x.device):
+        return discriminator(teacher.features(x, sigma, cond))
+
+
+def hinge_discriminator_loss(real_logits, fake_logits) -> torch.Tensor:
+    return torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean()
 
 
 def dsm_loss(student, x0, cond=None, sigma_data: float = 0.5, guidance=None) -> torch.Tensor:
@@ -176,6 +191,23 @@ class CTMTraining:
         # theta-: the target network, its own EMA (the loop's EMA is what gets exported)
         self.target = EMA(self.model, c.target_ema, warmup=False)  # constant, as in CTM
         self.checkpointed = (self.target,)
+        if c.gan_weight > 0:
+            self.discriminator = self.build_discriminator(teacher)
+            self.auxiliary = (self.discriminator,
+                              torch.optim.Adam(self.discriminator.parameters(), lr=cfg.train.lr,
+                                               betas=(0.0, 0.99)))
+        self.fake = None  # the latest 1-step samples, for the discriminator's step
+
+    def build_discriminator(self, teacher) -> FeatureDiscriminator:
+        from ..pipelines.base import network_sample_shape
+
+        x = torch.zeros(2, *network_sample_shape(teacher.net))
+        cond = None if self.null_cond is None else self.null_cond.expand(2, *self.null_cond.shape)
+        with torch.no_grad():
+            return FeatureDiscriminator.for_features(teacher.features(x, torch.ones(2), cond))
+
+    def gan_active(self, step: int) -> bool:
+        return self.cfg.ctm.gan_weight > 0 and step >= self.cfg.ctm.gan_start
 
     def after_step(self, step: int):
         self.target.update(getattr(self.model, "module", self.model))
@@ -219,13 +251,36 @@ class CTMTraining:
                 target = target_net(target, s, level, cond, guidance)
         loss_ctm = self.distance(estimate, target, level, cond).mean()
         logs = {"ctm": loss_ctm.detach()}
-        if c.denoising_weight <= 0:
-            return loss_ctm, logs
-        loss_dsm = dsm_loss(self.model, x0, cond, self.teacher.sigma_data, guidance)
+        loss = loss_ctm
         student = getattr(self.model, "module", self.model)
-        weight = adaptive_weight(loss_ctm, loss_dsm, student.last_layer)
-        logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)
-        return loss_ctm + c.denoising_weight * weight * loss_dsm, logs
+        if c.denoising_weight > 0:
+            loss_dsm = dsm_loss(self.model, x0, cond, self.teacher.sigma_data, guidance)
+            weight = adaptive_weight(loss_ctm, loss_dsm, student.last_layer)
+            logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)
+            loss = loss + c.denoising_weight * weight * loss_dsm
+        if self.gan_active(step):
+            # the generator's side: 1-step samples from pure noise, -D(G(z))
+            z = torch.randn_like(x0) * self.teacher.sigma_max
+            self.fake = self.model(z, grid[0], 0.0, cond, guidance)
+            loss_gan = -discriminator_logits(self.teacher, self.discriminator, self.fake,
+                                             cond).mean()
+            weight = adaptive_weight(loss_ctm, loss_gan, student.last_layer, max_weight=10.0,
+                                     min_weight=0.01)
+            logs.update(gan=loss_gan.detach(), gan_weight=weight)
+            loss = loss + c.gan_weight * weight * loss_gan
+            self.fake, self.fake_cond = self.fake.detach(), cond
+        return loss, logs
+
+    def auxiliary_loss(self, batch, step):
+        """The discriminator's hinge loss: real data against the step's 1-step samples."""
+        if not self.gan_active(step) or self.fake is None:
+            return None, {}
+        discriminator = self.auxiliary[0]  # as the loop prepared it (DDP-wrapped on GPUs)
+        real = discriminator_logits(self.teacher, discriminator, batch[0], self.fake_cond)
+        fake = discriminator_logits(self.teacher, discriminator, self.fake, self.fake_cond)
+        loss = hinge_discriminator_loss(real, fake)
+        return loss, {"disc": loss.detach(), "d_real": real.mean().detach(),
+                      "d_fake": fake.mean().detach()}
 
     def export(self, student: CTMStudent, folder: Path):
         from ..pipelines import CTMPipeline, CTMScheduler

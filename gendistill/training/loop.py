@@ -1,7 +1,10 @@
 """The training loop every method shares, on accelerate.
 
 A method gives ``model`` (what the optimiser trains), ``loss(batch, step) -> (loss, logs)``
-and ``export(ema_model, folder)``; the loop does the rest: optimiser and warm-up, mixed
+and ``export(ema_model, folder)``. A method with a second player (CTM's discriminator) also
+gives ``auxiliary = (module, optimiser)`` and ``auxiliary_loss(batch, step) -> (loss, logs)``
+(None while the player sits out), stepped after the model on every iteration. The loop does
+the rest: optimiser and warm-up, mixed
 precision, gradient clipping, EMA, tqdm progress, tensorboard logs, checkpoints and resume,
 and a NaN guard that stops with the last good checkpoint intact.
 """
@@ -74,6 +77,9 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     method.model = model
+    auxiliary = getattr(method, "auxiliary", None)
+    if auxiliary is not None:
+        auxiliary = method.auxiliary = accelerator.prepare(*auxiliary)
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay).to(accelerator.device)
     method.ema = ema
     counter = StepCounter()
@@ -114,6 +120,14 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
         optimizer.step()
         scheduler.step()
         ema.update(accelerator.unwrap_model(model))
+        if auxiliary is not None:
+            with accelerator.autocast():
+                aux_loss, aux_logs = method.auxiliary_loss(batch, counter.step)
+            if aux_loss is not None:
+                auxiliary[1].zero_grad(set_to_none=True)
+                accelerator.backward(aux_loss)
+                auxiliary[1].step()
+                logs.update(aux_logs)
         if hasattr(method, "after_step"):
             method.after_step(counter.step)
         counter.step += 1
