@@ -1,6 +1,8 @@
 """The ``gendistill`` command: train, generate, evaluate, train-classifier, demo.
 
-Bad input (unknown config key, wrong type, missing file) prints one line naming it and exits 2.
+Bad input (unknown config key, wrong type, missing file) prints one line naming it and exits 2;
+a training that cannot go on (non-finite steps, nothing to resume, a locked or foreign
+output_dir) prints one line and exits 3.
 """
 from __future__ import annotations
 
@@ -14,10 +16,19 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 
 USAGE_ERROR = 2
+TRAINING_ERROR = 3
 
 
 class UsageError(Exception):
     pass
+
+
+def set_threads(n: int):
+    if n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def cmd_train(args) -> int:
@@ -25,6 +36,8 @@ def cmd_train(args) -> int:
     from .train import run_training
 
     cfg = load_config(args.config, args.overrides)
+    if args.threads is not None and cfg.train.threads is None:
+        cfg.train.threads = args.threads
     folder = run_training(cfg)
     print(f"saved {folder}")
     return 0
@@ -144,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gendistill", description=(
         "Distil diffusion teachers into 1-step generators (CTM / SoundCTM, MSD)."))
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: the cores divided among the local "
+                   "training processes; 1 when another busy process shares the cores). For "
+                   "train, train.threads=N in the config does the same")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a teacher or a student from a YAML config",
@@ -238,9 +255,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
     from .data import DataError
+    from .training import TrainingError
 
     try:
+        if args.threads is not None:
+            set_threads(args.threads)
         return args.func(args)
+    except TrainingError as e:  # a run that cannot go on: its saved checkpoints stay as they were
+        print(f"gendistill {args.command}: error: {e}", file=sys.stderr)
+        return TRAINING_ERROR
     except (UsageError, ConfigError, DataError, FileNotFoundError) as e:
         print(f"gendistill {args.command}: error: {e}", file=sys.stderr)
         return USAGE_ERROR

@@ -50,7 +50,12 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     mixed_precision: str = "no"    # no, fp16 or bf16
-    resume: bool = False           # continue from the newest checkpoint in output_dir
+    resume: bool = False           # continue from the newest complete checkpoint in output_dir
+    overwrite: bool = False        # start afresh in an output_dir holding checkpoints
+    allow_config_change: bool = False  # a resume may change the batch size and lr
+    keep_checkpoints: int = 3      # the newest N checkpoints are kept (0 = all)
+    max_nonfinite: int = 3         # NaN/Inf steps in a row (each skipped) before the run stops
+    threads: int | None = None     # CPU threads for torch; unset = the cores / local processes
     cpu: bool = False              # force CPU even where a GPU is present
     xformers: bool = False         # xformers attention (CUDA + the xformers extra); else SDPA
 

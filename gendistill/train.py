@@ -46,11 +46,22 @@ def enable_xformers(model: torch.nn.Module):
     model.enable_xformers_memory_efficient_attention()
 
 
+def default_threads() -> int:
+    """The cores divided among this machine's training processes (torchrun / accelerate set
+    LOCAL_WORLD_SIZE): ranks that each take every core wait on each other's OpenMP threads."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def run_training(cfg: Config) -> Path:
     from accelerate.utils import set_seed
 
     from .training import train
 
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise ConfigError(f"train.threads: expected >= 1, got {cfg.train.threads}")
+    torch.set_num_threads(cfg.train.threads or default_threads())
     # Seed before anything random is built (the network's initial weights, the student's new
     # embeddings): every rank starts from the same weights and two runs of one seed agree.
     set_seed(cfg.seed)

@@ -132,6 +132,7 @@ def config_hash(cfg) -> str:
 def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, log) -> Path:
     """Train once per resolved config; later runs with the same config reuse the folder."""
     from ..train import run_training
+    from ..training import latest_checkpoint
 
     cfg = load_config(REPO_ROOT / config, overrides)
     folder = cache_dir / f"{name}-{config_hash(cfg)}"
@@ -140,7 +141,10 @@ def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, 
         log(f"{name}: reusing {model}")
         return model
     cfg.output_dir = str(folder)
-    log(f"{name}: training {config} {' '.join(overrides)} -> {model}")
+    # an interrupted training of this config picks up from its last checkpoint
+    cfg.train.resume = latest_checkpoint(folder) is not None
+    log(f"{name}: {'resuming' if cfg.train.resume else 'training'} {config} "
+        f"{' '.join(overrides)} -> {model}")
     return run_training(cfg)
 
 

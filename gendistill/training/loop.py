@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import Config, to_dict
+from ..config import Config, ConfigError, to_dict
 from .ema import EMA
 
 log = logging.getLogger("gendistill")
@@ -45,10 +47,19 @@ class StepCounter:
         self.step = int(state["step"])
 
 
+COMPLETE = "COMPLETE"  # written last into a checkpoint folder: everything before it is on disk
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder whose save was cut short has no marker)."""
+    found = [p for p in (output_dir / "checkpoints").glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"),
-                   key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
-    return ckpts[-1] if ckpts else None
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def infinite_batches(loader):
@@ -63,10 +74,47 @@ def make_accelerator(cfg: Config) -> Accelerator:
                        gradient_accumulation_steps=1)
 
 
+@contextmanager
+def run_lock(out: Path, is_main: bool):
+    """``output_dir/.lock`` holds the training process's pid: a second training into the same
+    folder stops with a clear message (a lock whose process is gone is taken over)."""
+    lock = out / ".lock"
+    if not is_main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if lock.is_file():
+        try:
+            pid = int(lock.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pass  # stale: its process is gone
+        except PermissionError:
+            raise TrainingError(f"{out} is locked by another training (pid {pid}); "
+                                f"wait for it or use another output_dir") from None
+        else:
+            if pid != os.getpid():
+                raise TrainingError(f"{out} is locked by another training (pid {pid}); "
+                                    f"wait for it or use another output_dir")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -> Path:
     """Run ``cfg.train.max_steps`` optimiser steps; return the exported model folder."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file, not a folder")
     accelerator = accelerator or make_accelerator(cfg)
+    with run_lock(out, accelerator.is_main_process):
+        return train_locked(cfg, method, loader, accelerator)
+
+
+def train_locked(cfg: Config, method, loader, accelerator: Accelerator) -> Path:
+    out = Path(cfg.output_dir)
     set_seed(cfg.seed, device_specific=True)
     tc = cfg.train
     model = method.model
@@ -87,14 +135,19 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
     accelerator.register_for_checkpointing(ema, counter, *getattr(method, "checkpointed", ()))
 
     if tc.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise TrainingError(f"train.resume=true but {out / 'checkpoints'} holds no checkpoint")
-        accelerator.load_state(str(ckpt))
-        log.info("resumed from %s at step %d", ckpt, counter.step)
+        check_resumable(out, cfg)
+        resume_from_checkpoint(accelerator, out, counter)
+        if counter.step >= tc.max_steps:
+            raise TrainingError(f"train.max_steps={tc.max_steps} but the checkpoint is at step "
+                                f"{counter.step}: nothing to train (the finished model/ is kept)")
+    elif checkpoints(out) and not tc.overwrite:
+        raise TrainingError(f"{out} holds another run's checkpoints; resume it with "
+                            f"train.resume=true, or start afresh with train.overwrite=true")
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if tc.overwrite and not tc.resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     accelerator.init_trackers("logs")
 
@@ -103,20 +156,33 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
     bar = tqdm(total=tc.max_steps, initial=counter.step, desc=f"{cfg.method}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start = time.time()
+    nonfinite_in_a_row, nonfinite_total = 0, 0
     while counter.step < tc.max_steps:
         model.train()
         batch = next(batches)
         with accelerator.autocast():
             loss, logs = method.loss(batch, counter.step)
-        if not torch.isfinite(loss):
-            ckpt = latest_checkpoint(out)
-            raise TrainingError(f"loss is {loss.item()} at step {counter.step}; stopped before "
-                                f"updating weights (last checkpoint: {ckpt or 'none'})")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         # the norm before clipping is logged: a clip that is active on every step shows here
         grad_norm = accelerator.clip_grad_norm_(
             model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # skip the update; a run that keeps producing NaN/Inf stops with its last good
+            # checkpoint untouched
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            accelerator.log({"nonfinite_steps": nonfinite_total}, step=counter.step)
+            log.warning("step %d: loss %s, grad norm %s: update skipped", counter.step,
+                        loss.item(), float(grad_norm))
+            if nonfinite_in_a_row >= tc.max_nonfinite:
+                raise TrainingError(
+                    f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient "
+                    f"(loss {loss.item()} at step {counter.step}); stopped (last checkpoint: "
+                    f"{latest_checkpoint(out) or 'none'})")
+            continue
+        nonfinite_in_a_row = 0
         optimizer.step()
         scheduler.step()
         ema.update(accelerator.unwrap_model(model))
@@ -139,9 +205,8 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
         if tc.checkpoint_every > 0 and counter.step % tc.checkpoint_every == 0 \
                 and counter.step < tc.max_steps:
-            save_checkpoint(accelerator, method, ema, out, counter.step)
+            save_checkpoint(accelerator, method, ema, out, counter.step, tc.keep_checkpoints)
     bar.close()
-    accelerator.end_training()
     final = out / "model"
     if accelerator.is_main_process:
         export(method, ema, final)
@@ -149,8 +214,68 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
             {"steps": tc.max_steps, "resumed_at": first_step,
              "seconds": round(time.time() - start, 1), "device": str(accelerator.device)}))
         log.info("saved %s", final)
+    # every rank waits for the export before the process group is torn down
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return final
+
+
+# keys a resume may change freely: how long, how often, where it runs; the batch size only
+# with train.allow_config_change=true; everything else (network, data, method) never
+RESUME_FREE_KEYS = {"output_dir", "train.max_steps", "train.resume", "train.checkpoint_every",
+                    "train.log_every", "train.keep_checkpoints", "train.max_nonfinite",
+                    "train.threads", "train.overwrite", "train.allow_config_change", "train.cpu",
+                    "train.xformers"}
+RESUME_GUARDED_KEYS = {"train.batch_size", "train.lr", "train.warmup_steps"}
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resumable(out: Path, cfg: Config):
+    """Refuse to resume a run under a config that differs in anything that matters."""
+    saved_file = out / "config.json"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = flatten(json.loads(saved_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{saved_file}: invalid JSON ({e}); cannot check the resume") \
+            from None
+    new = flatten(to_dict(cfg))
+    changed = sorted(k for k in saved.keys() | new.keys()
+                     if saved.get(k) != new.get(k) and k not in RESUME_FREE_KEYS)
+    if cfg.train.allow_config_change:
+        changed = [k for k in changed if k not in RESUME_GUARDED_KEYS]
+    if changed:
+        hint = (" (train.allow_config_change=true allows batch size and lr)"
+                if set(changed) <= RESUME_GUARDED_KEYS else "")
+        raise TrainingError("cannot resume: the config differs from the run's in " + ", ".join(
+            f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in changed) + hint)
+
+
+def resume_from_checkpoint(accelerator, out: Path, counter: StepCounter):
+    """Load the newest complete checkpoint; one that fails to load is passed over for the
+    next older one, saying so."""
+    found = checkpoints(out)
+    if not found:
+        raise TrainingError(f"train.resume=true but {out / 'checkpoints'} holds no complete "
+                            f"checkpoint")
+    for ckpt in reversed(found):
+        try:
+            accelerator.load_state(str(ckpt))
+        except Exception as e:  # a truncated or corrupt file: torch, safetensors, pickle
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", ckpt,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        log.info("resumed from %s at step %d", ckpt, counter.step)
+        return ckpt
+    raise TrainingError(f"no readable checkpoint in {out / 'checkpoints'} (newest: "
+                        f"{found[-1]})")
 
 
 def export(method, ema: EMA, folder: Path):
@@ -162,10 +287,28 @@ def export(method, ema: EMA, folder: Path):
     tmp.rename(folder)
 
 
-def save_checkpoint(accelerator, method, ema, out: Path, step: int):
+def save_checkpoint(accelerator, method, ema, out: Path, step: int, keep: int = 0):
+    """Write into ``step-N.tmp``, fsync, mark complete, then rename: a kill mid-save leaves
+    only a .tmp folder that resume never reads. Keeps the newest ``keep`` (0 = all)."""
     ckpt = out / "checkpoints" / f"step-{step}"
-    accelerator.save_state(str(ckpt))
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
     if accelerator.is_main_process:
-        export(method, ema, ckpt / "model")
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export(method, ema, tmp / "model")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        (tmp / COMPLETE).write_text(str(step))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
+        if keep > 0:
+            for old in checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 

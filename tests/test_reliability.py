@@ -1,0 +1,105 @@
+"""Training that fails safely, in subprocesses as a user runs it: non-finite steps, checkpoints cut
+short or corrupt, resumes that would lose or mix work, two trainings into one folder."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["configs/teacher/toy2d.yaml", "network.width=32", "network.depth=2",
+        "train.batch_size=64", "train.warmup_steps=1"]
+
+
+def train(out, *overrides, verbose=False):
+    return subprocess.run([sys.executable, "-m", "gendistill", *(["-v"] if verbose else []),
+                           "train", *TINY, f"output_dir={out}", *overrides],
+                          capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("gendistill train: error")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_exit_3(tmp_path):
+    proc = train(tmp_path, "train.lr=1e30", "train.max_steps=20", "train.max_nonfinite=3")
+    assert proc.returncode == 3
+    assert "3 steps in a row with a non-finite loss or gradient" in error_line(proc)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    proc = train(out, "train.max_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_only_the_newest_checkpoints_are_kept_and_marked_complete(run_dir):
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step-4", "step-6"]
+    assert all((run_dir / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
+
+
+def test_resume_falls_back_past_a_truncated_or_unfinished_checkpoint(run_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    (out / "checkpoints" / "step-6" / "optimizer.bin").write_bytes(b"")  # killed mid-write
+    unfinished = out / "checkpoints" / "step-7.tmp"                      # killed before rename
+    unfinished.mkdir()
+    (unfinished / "optimizer.bin").write_bytes(b"junk")
+    proc = train(out, "train.max_steps=9", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+                 "train.resume=true", verbose=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step-6 is unreadable" in proc.stderr and "at step 4" in proc.stderr
+
+
+def test_resume_never_moves_the_model_backwards(run_dir):
+    before = (run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    proc = train(run_dir, "train.max_steps=5", "train.checkpoint_every=2", "train.resume=true")
+    assert proc.returncode == 3 and "nothing to train" in error_line(proc)
+    assert (run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() \
+        == before
+
+
+def test_resume_refuses_a_changed_config(run_dir):
+    proc = train(run_dir, "train.max_steps=10", "train.resume=true", "train.batch_size=32")
+    assert proc.returncode == 3
+    line = error_line(proc)
+    assert "train.batch_size (64 -> 32)" in line and "allow_config_change" in line
+    proc = train(run_dir, "train.max_steps=10", "train.resume=true", "network.width=48")
+    assert proc.returncode == 3 and "network.width (32 -> 48)" in error_line(proc)
+
+
+def test_a_fresh_run_does_not_overwrite_another_runs_checkpoints(run_dir, tmp_path):
+    proc = train(run_dir, "train.max_steps=2")
+    assert proc.returncode == 3 and "holds another run's checkpoints" in error_line(proc)
+    assert (run_dir / "checkpoints" / "step-6").is_dir()
+
+
+def test_overwrite_starts_afresh(tmp_path):
+    assert train(tmp_path, "train.max_steps=4", "train.checkpoint_every=2").returncode == 0
+    proc = train(tmp_path, "train.max_steps=2", "train.checkpoint_every=0",
+                 "train.overwrite=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoints" / "step-2").exists()
+
+
+def test_a_second_training_into_a_locked_folder_stops(tmp_path):
+    (tmp_path / ".lock").write_text(str(os.getpid()))  # this test process is alive
+    proc = train(tmp_path, "train.max_steps=2")
+    assert proc.returncode == 3 and "is locked by another training" in error_line(proc)
+    (tmp_path / ".lock").write_text("999999999")  # a process that is gone: a stale lock
+    assert train(tmp_path, "train.max_steps=2").returncode == 0
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    proc = train(tmp_path / "f", "train.max_steps=2")
+    assert proc.returncode == 2 and "is a file, not a folder" in error_line(proc)
