@@ -103,3 +103,19 @@ def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "f").write_text("x")
     proc = train(tmp_path / "f", "train.max_steps=2")
     assert proc.returncode == 2 and "is a file, not a folder" in error_line(proc)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_with_torchrun_exits_0(tmp_path):
+    """Two real CPU processes (gloo): both train, rank 0 alone writes, the run exits 0."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gendistill", "train", *TINY,
+                           f"output_dir={tmp_path}", "train.max_steps=4",
+                           "train.checkpoint_every=2", "train.cpu=true"],
+                          capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved") == 1
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert (tmp_path / "checkpoints" / "step-2" / "COMPLETE").is_file()
+    assert not (tmp_path / ".lock").exists()
