@@ -15,6 +15,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,11 +111,39 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
     accelerator = accelerator or make_accelerator(cfg)
-    with run_lock(out, accelerator.is_main_process):
-        return train_locked(cfg, method, loader, accelerator)
+    with run_lock(out, accelerator.is_main_process), TerminationRequest() as terminate:
+        return train_locked(cfg, method, loader, accelerator, terminate)
 
 
-def train_locked(cfg: Config, method, loader, accelerator: Accelerator) -> Path:
+class TerminationRequest:
+    """Catches SIGTERM during training so that the loop can checkpoint before it exits."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, _signum, _frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def requested(self, accelerator) -> bool:
+        """True on every rank once any rank was asked to stop (they checkpoint together)."""
+        if accelerator.num_processes == 1:
+            return self.flag
+        flag = torch.tensor(float(self.flag), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum") > 0)
+
+
+def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
+                 terminate: TerminationRequest) -> Path:
     out = Path(cfg.output_dir)
     set_seed(cfg.seed, device_specific=True)
     tc = cfg.train
@@ -206,6 +236,13 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator) -> Path:
         if tc.checkpoint_every > 0 and counter.step % tc.checkpoint_every == 0 \
                 and counter.step < tc.max_steps:
             save_checkpoint(accelerator, method, ema, out, counter.step, tc.keep_checkpoints)
+        if terminate.requested(accelerator) and counter.step < tc.max_steps:
+            # preempted (a cluster's SIGTERM): save where we are, then stop
+            if not (out / "checkpoints" / f"step-{counter.step}").is_dir():
+                save_checkpoint(accelerator, method, ema, out, counter.step,
+                                tc.keep_checkpoints)
+            raise TrainingError(f"stopped by SIGTERM at step {counter.step}; checkpoint saved, "
+                                f"continue with train.resume=true")
     bar.close()
     final = out / "model"
     if accelerator.is_main_process:
