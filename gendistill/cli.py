@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,8 +25,7 @@ class UsageError(Exception):
 
 
 def set_threads(n: int):
-    if n < 1:
-        raise UsageError(f"--threads must be >= 1, got {n}")
+    check_flag("--threads", n)
     import torch
 
     torch.set_num_threads(n)
@@ -45,22 +45,50 @@ def cmd_train(args) -> int:
 
 
 def _load_model(path: str):
-    from diffusers.utils import logging as diffusers_logging
-
     from .pipelines import load_pipeline
-
-    diffusers_logging.disable_progress_bar()
 
     if not Path(path).is_dir():
         raise UsageError(f"model folder not found: {path}")
+    # a run's output_dir stands for its model/
     pipe = load_pipeline(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+# the allowed range of each numeric flag (a finite number inside it)
+FLAG_RANGES = {"--steps": (1, 1000), "--guidance": (0.0, 100.0), "--gamma": (0.0, 1.0),
+               "--nu": (0.0, 2.0), "--seed": (0, 2 ** 32 - 1), "--batch-size": (1, 65536),
+               "--threads": (1, 4096)}
+
+
+def check_flag(flag: str, value, low=None, high=None):
+    """One-line error for a flag that is not finite or outside its range."""
+    if value is None:
+        return
+    low, high = (low, high) if low is not None else FLAG_RANGES[flag]
+    if not math.isfinite(value) or not low <= value <= high:
+        raise UsageError(f"{flag}: {value} is out of range [{low}, {high}]")
+
+
+def check_condition_flags(pipe, args):
+    """--class for class-conditional models (a label they know), --prompt for text ones."""
+    from .pipelines.base import null_class
+
+    if args.class_label is not None:
+        if pipe.conditioning != "class":
+            raise UsageError(f"--class: the model is {pipe.conditioning}-conditional"
+                             + (" (give --prompt TEXT)" if pipe.conditioning == "text" else ""))
+        check_flag("--class", args.class_label, 0, null_class(pipe.network) - 1)
+    if args.prompt is not None and pipe.conditioning != "text":
+        raise UsageError(f"--prompt: the model is {pipe.conditioning}-conditional"
+                         + (" (give --class N)" if pipe.conditioning == "class" else ""))
+
+
 def sampling_kwargs(pipe, args) -> dict:
     """Pipeline call arguments from the sampling flags; a flag the model's pipeline does not
     take (--sampler for a CTM student, --gamma for a teacher) is a usage error."""
+    for flag in ("--steps", "--guidance", "--gamma", "--nu", "--seed"):
+        check_flag(flag, getattr(args, flag[2:]))
     kwargs = {}
     accepted = inspect.signature(type(pipe).__call__).parameters
     for flag, value, key in (("--steps", args.steps, "num_inference_steps"),
@@ -89,8 +117,10 @@ def add_sampling_flags(p: argparse.ArgumentParser):
 def cmd_generate(args) -> int:
     from .generate import sample, write_samples
 
+    check_flag("--num-samples", args.num_samples, 1, 10_000)
     pipe = _load_model(args.model_dir)
     kwargs = sampling_kwargs(pipe, args)
+    check_condition_flags(pipe, args)
     classes = [args.class_label] if args.class_label is not None else None
     prompts = [args.prompt] if args.prompt is not None else None
     output = sample(pipe, classes, prompts, args.num_samples, args.seed, **kwargs)
@@ -106,10 +136,8 @@ def cmd_evaluate(args) -> int:
     from .eval.evaluate import _check_dataset, evaluate_pipeline, summary_line
 
     _check_dataset(args.dataset)
-    if args.num_samples is not None and args.num_samples < 2:
-        raise UsageError(f"--num-samples must be >= 2, got {args.num_samples}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_flag("--num-samples", args.num_samples, 2, 1_000_000)
+    check_flag("--batch-size", args.batch_size)
     pipe = _load_model(args.model_dir)
     kwargs = sampling_kwargs(pipe, args)
     result = evaluate_pipeline(pipe, args.dataset, args.num_samples, args.seed,
@@ -154,8 +182,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit code 2 as before."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gendistill", description=(
+    p = Parser(prog="gendistill", description=(
         "Distil diffusion teachers into 1-step generators (CTM / SoundCTM, MSD)."))
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--threads", type=int, metavar="N",
@@ -228,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (or reuse, cached by config hash) the preset's teacher "
                        "and students, evaluate every row in one process, and write results.json, "
                        "results.md and plots into --out.")
-    b.add_argument("preset", choices=["toy2d", "digits", "synthsounds"])
+    b.add_argument("preset", choices=["toy2d", "digits", "synthsounds", "toy2d-ablation"])
     b.add_argument("--quick", action="store_true",
                    help="short trainings and fewer samples (a few minutes on a CPU)")
     b.add_argument("--out", required=True, metavar="DIR", help="results folder")
@@ -258,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .training import TrainingError
 
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is noise here
     try:
         if args.threads is not None:
             set_threads(args.threads)

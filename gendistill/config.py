@@ -6,6 +6,7 @@ Every section is a dataclass; an unknown key, a value of the wrong type or a mis
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -186,23 +187,99 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+INF = float("inf")
+# (low, high, low_open) for every numeric key: a value outside is a one-line error naming the
+# key, the value and the range; every float must also be finite
+RANGES = {
+    "seed": (0, 2 ** 32 - 1, False),
+    "network.layers_per_block": (1, 16, False), "network.width": (1, 65536, False),
+    "network.depth": (1, 256, False), "network.channels[]": (1, 65536, False),
+    "train.max_steps": (1, INF, False), "train.batch_size": (1, 2 ** 20, False),
+    "train.lr": (0, 1.0, True), "train.warmup_steps": (0, INF, False),
+    "train.weight_decay": (0, 1.0, False), "train.ema_decay": (0, 1.0, False),
+    "train.grad_clip": (0, INF, False), "train.cond_dropout": (0, 1.0, False),
+    "train.checkpoint_every": (0, INF, False), "train.log_every": (1, INF, False),
+    "train.keep_checkpoints": (0, INF, False), "train.max_nonfinite": (1, INF, False),
+    "train.threads": (1, 4096, False),
+    "edm.sigma_min": (0, INF, True), "edm.sigma_max": (0, INF, True),
+    "edm.sigma_data": (0, INF, True), "edm.p_mean": (-INF, INF, False),
+    "edm.p_std": (0, INF, True),
+    "ctm.num_grid": (2, 10000, False), "ctm.max_jump": (1, 10000, False),
+    "ctm.denoising_weight": (0, INF, False), "ctm.guidance_min": (1, 100, False),
+    "ctm.guidance_max": (1, 100, False), "ctm.target_ema": (0, 1.0, False),
+    "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),
+    "ctm.s_log_scale": (0, 1e4, True),
+}
+CHOICES = {
+    "method": METHODS, "data.name": ("toy2d", "digits", "synthsounds", "npz"),
+    "data.kind": (None, "vector", "image", "audio"),
+    "train.mixed_precision": ("no", "fp16", "bf16"), "ctm.match_point": ("zs", "z0"),
+    "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),
+}
+
+
+def _check_value(key: str, value) -> None:
+    if isinstance(value, list):
+        for v in value:
+            _check_value(key + "[]", v)
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
+    if key in RANGES and value is not None:
+        low, high, low_open = RANGES[key]
+        if value < low or value > high or (low_open and value == low):
+            lo = f"({low}" if low_open else f"[{low}"
+            raise ConfigError(f"{key}: {value} is out of range {lo}, {high}]")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, CHOICES[key]))}, got "
+                          f"{value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Ranges, choices and finiteness of every key, and the constraints between keys."""
+    for key, value in flatten(dataclasses.asdict(cfg)).items():
+        _check_value(key, value)
+    if cfg.edm.sigma_max <= cfg.edm.sigma_min:
+        raise ConfigError(f"edm.sigma_max ({cfg.edm.sigma_max}) must exceed edm.sigma_min "
+                          f"({cfg.edm.sigma_min})")
+    c = cfg.ctm
+    if c.guidance_max < c.guidance_min:
+        raise ConfigError(f"ctm.guidance_max ({c.guidance_max}) is below ctm.guidance_min "
+                          f"({c.guidance_min})")
+    if c.max_jump is not None and c.max_jump > c.num_grid - 1:
+        raise ConfigError(f"ctm.max_jump: {c.max_jump} is out of range [1, num_grid - 1 = "
+                          f"{c.num_grid - 1}]")
+    if cfg.data.name == "npz" and not cfg.data.path:
+        raise ConfigError("data.path: data.name=npz needs data.path=FILE.npz")
+    return cfg
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """Nested dict -> {"section.key": value}."""
+    out = {}
+    for k, v in values.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, cls=Config):
     """Read a YAML config, apply dotted overrides, validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if values is None:
+        raise ConfigError(f"{path}: the config file is empty (it needs at least method: and "
+                          f"data:)")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got a "
+                          f"{type(values).__name__}")
     values = merge(values, parse_overrides(overrides or []))
     cfg = build(cls, values)
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method: unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"train.mixed_precision: expected no, fp16 or bf16, got "
-                          f"{cfg.train.mixed_precision!r}")
-    return cfg
+    return validate(cfg) if cls is Config else cfg
 
 
 def to_dict(cfg) -> dict:

@@ -20,15 +20,20 @@ def data_loader(x, cond, batch_size: int, seed: int) -> DataLoader:
 def load_teacher(cfg: Config):
     """The teacher pipeline: ``teacher=PATH``, or the shipped one for a built-in dataset."""
     from .assets import builtin_teacher
-    from .pipelines import load_pipeline
+    from .pipelines import TeacherPipeline, load_pipeline, model_folder
 
     if cfg.teacher:
-        path = Path(cfg.teacher)
-        if not (path / "model_index.json").is_file():
-            raise ConfigError(f"teacher: no model folder at {path} (no model_index.json)")
+        try:
+            path = model_folder(cfg.teacher)
+        except FileNotFoundError:
+            raise ConfigError(f"teacher: no model folder at {cfg.teacher} (no "
+                              f"model_index.json there or in its model/)") from None
     else:
         path = builtin_teacher(cfg.data.name)
     pipe = load_pipeline(path)
+    if not isinstance(pipe, TeacherPipeline):
+        raise ConfigError(f"teacher: {path} holds a {type(pipe).__name__}, not a teacher "
+                          f"(distil a teacher, not a student)")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -74,7 +79,12 @@ def run_training(cfg: Config) -> Path:
     elif cfg.method == "ctm":
         from .methods.ctm import CTMTraining
 
-        method = CTMTraining(cfg, load_teacher(cfg), null_cond)
+        from .pipelines.base import mismatch
+
+        teacher = load_teacher(cfg)
+        if (why := mismatch(teacher, ds)) is not None:
+            raise ConfigError(f"teacher: the model {why}")
+        method = CTMTraining(cfg, teacher, null_cond)
     else:
         raise ConfigError(f"method: {cfg.method!r} is not implemented")
     if cfg.train.xformers:

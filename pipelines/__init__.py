@@ -10,20 +10,25 @@ from .teacher import TeacherPipeline
 from .text import TextEncoder, load_text_encoder
 
 __all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "MelVocoder", "SamplesOutput", "TeacherPipeline", "load_pipeline",
+           "model_folder",
            "TextEncoder", "load_text_encoder"]
 
 
 def load_pipeline(path, **kwargs):
     """Load a model folder: a gendistill pipeline by the class in its model_index.json, or any
     diffusers pipeline with a ``unet`` and a ``scheduler`` (DDPM, DDIM, flow matching, EDM, ...)
-    wrapped as a ``TeacherPipeline``."""
+    wrapped as a ``TeacherPipeline``. A training run's ``output_dir`` stands for its
+    ``model/``."""
     import json
-    from pathlib import Path
 
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"not a model folder (no model_index.json): {path}")
-    name = json.loads(index.read_text()).get("_class_name")
+    path = model_folder(path)
+    index = path / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a valid model index ({e})") from None
+    if not name:
+        raise ValueError(f"{index}: no _class_name (which pipeline the folder holds)")
     if isinstance(name, list):  # saved with import shims: [module, class]
         name = name[1]
     classes = {cls.__name__: cls for cls in (TeacherPipeline, CTMPipeline)}
@@ -35,3 +40,16 @@ def load_pipeline(path, **kwargs):
     if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
         raise ValueError(f"{index}: {name} has no unet and scheduler to use as a teacher")
     return TeacherPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+
+
+def model_folder(path):
+    """``path`` itself when it holds a model_index.json, else a training run's ``path/model``."""
+    from pathlib import Path
+
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "model" / "model_index.json").is_file():
+        return path / "model"
+    raise FileNotFoundError(f"not a model folder (no model_index.json in {path} or "
+                            f"{path / 'model'})")

@@ -39,6 +39,20 @@ def network_sample_shape(net) -> tuple[int, ...]:
     return (cfg.in_channels, h, w)
 
 
+def mismatch(pipe, ds) -> str | None:
+    """Why a pipeline's samples do not fit a dataset (shape, conditioning, classes), or None."""
+    net = pipe.network
+    shape = tuple(network_sample_shape(net))
+    if shape != tuple(ds.shape):
+        return f"makes samples of shape {shape}, dataset {ds.name} has {tuple(ds.shape)}"
+    if pipe.conditioning != ds.conditioning:
+        return (f"is {pipe.conditioning}-conditional, dataset {ds.name} is "
+                f"{ds.conditioning}-conditional")
+    if ds.conditioning == "class" and null_class(net) != ds.num_classes:
+        return f"has {null_class(net)} classes, dataset {ds.name} has {ds.num_classes}"
+    return None
+
+
 def null_class(net) -> int | None:
     """Class-conditional networks carry one extra embedding, the null class, at the end."""
     n = getattr(base_config(net), "num_class_embeds", None)

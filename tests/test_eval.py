@@ -399,7 +399,7 @@ def test_cli_evaluate_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("extra, needle", [
     (["--dataset", "mnist"], "cannot evaluate on dataset 'mnist'"),
     (["--dataset", "digits"], "the model makes samples of shape (2,), dataset digits has"),
-    (["--dataset", "toy2d", "--num-samples", "1"], "--num-samples must be >= 2"),
+    (["--dataset", "toy2d", "--num-samples", "1"], "--num-samples: 1 is out of range [2, 1000000]"),
     (["--dataset", "toy2d", "--vggish-weights", "/no/v.pt"], "VGGish / CLAP FAD is for audio"),
 ])
 def test_cli_evaluate_bad_input_is_one_line_and_exit_2(extra, needle, tmp_path, capsys):

@@ -50,20 +50,10 @@ def _network(pipe):
 
 
 def _check_compatible(pipe, ds) -> None:
-    from ..pipelines.base import network_sample_shape, null_class
+    from ..pipelines.base import mismatch
 
-    net = _network(pipe)
-    shape = tuple(network_sample_shape(net))
-    if shape != tuple(ds.shape):
-        raise ValueError(f"the model makes samples of shape {shape}, dataset {ds.name} has "
-                         f"{tuple(ds.shape)}")
-    want = "class" if ds.name in ("toy2d", "digits") else "text"
-    if pipe.conditioning != want:
-        raise ValueError(f"the model is {pipe.conditioning}-conditional, dataset {ds.name} "
-                         f"needs a {want}-conditional model")
-    if want == "class" and null_class(net) != ds.num_classes:
-        raise ValueError(f"the model has {null_class(net)} classes, dataset {ds.name} has "
-                         f"{ds.num_classes}")
+    if (why := mismatch(pipe, ds)) is not None:
+        raise ValueError(f"the model {why}")
 
 
 def _balanced_conditions(ds, n: int):

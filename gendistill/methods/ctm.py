@@ -165,17 +165,7 @@ class CTMTraining:
     """Builds the student from the teacher and computes the CTM + DSM loss for the loop."""
 
     def __init__(self, cfg: Config, teacher_pipe, null_cond):
-        c = cfg.ctm
-        if c.match_point not in ("zs", "z0"):
-            raise ConfigError(f"ctm.match_point: expected zs or z0, got {c.match_point!r}")
-        if c.target_inner not in ("ema", "online"):
-            raise ConfigError(f"ctm.target_inner: expected ema or online, got {c.target_inner!r}")
-        if c.distance not in ("teacher_feature", "l2", "lpips"):
-            raise ConfigError(f"ctm.distance: expected teacher_feature, l2 or lpips, got "
-                              f"{c.distance!r}")
-        if not 1.0 <= c.guidance_min <= c.guidance_max:
-            raise ConfigError(f"ctm.guidance_min/max: need 1 <= min <= max, got "
-                              f"{c.guidance_min}, {c.guidance_max}")
+        c = cfg.ctm  # values and ranges are checked by config.validate
         self.cfg, self.teacher_pipe, self.null_cond = cfg, teacher_pipe, null_cond
         teacher = teacher_pipe.denoiser()
         if not isinstance(teacher, EDMDenoiser):

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, to_dict
+from ..config import Config, ConfigError, flatten, to_dict
 from .ema import EMA
 
 log = logging.getLogger("gendistill")
@@ -264,13 +264,6 @@ RESUME_FREE_KEYS = {"output_dir", "train.max_steps", "train.resume", "train.chec
                     "train.threads", "train.overwrite", "train.allow_config_change", "train.cpu",
                     "train.xformers"}
 RESUME_GUARDED_KEYS = {"train.batch_size", "train.lr", "train.warmup_steps"}
-
-
-def flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in values.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def check_resumable(out: Path, cfg: Config):
