@@ -11,10 +11,31 @@ from .data import load_dataset
 from .data.conditioning import condition_tensors
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, a function of (seed, epoch) alone: a resumed run rebuilds
+    the order of the epoch it stopped in and skips the batches it had already seen."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
 def data_loader(x, cond, batch_size: int, seed: int) -> DataLoader:
     tensors = (x,) if cond is None else (x, cond)
-    return DataLoader(TensorDataset(*tensors), batch_size=min(batch_size, len(x)), shuffle=True,
-                      drop_last=True, generator=torch.Generator().manual_seed(seed))
+    # the loader's own generator: creating an iterator draws from it, never from the global
+    # RNG that the training noise comes from
+    return DataLoader(TensorDataset(*tensors), batch_size=min(batch_size, len(x)),
+                      sampler=EpochShuffle(len(x), seed), drop_last=True,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def load_teacher(cfg: Config):

@@ -64,9 +64,17 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def infinite_batches(loader):
+def batches_from(accelerator, loader, step: int):
+    """Batches from the one that an uninterrupted run would see at ``step`` on: epoch
+    ``step // len(loader)`` (its order set through ``set_epoch``), its first batches skipped."""
+    epoch, skip = divmod(step, len(loader))
     while True:
-        yield from loader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -182,7 +190,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     accelerator.init_trackers("logs")
 
     first_step = counter.step
-    batches = infinite_batches(loader)
+    batches = batches_from(accelerator, loader, counter.step)
     bar = tqdm(total=tc.max_steps, initial=counter.step, desc=f"{cfg.method}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start = time.time()
