@@ -7,19 +7,20 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
+def _shipped(kind: str, name: str, config: str) -> Path:
+    path = ASSETS / kind / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no shipped {kind[:-1]} for {name!r} at {path}; train one with "
+                                f"`gendistill train configs/{config}/{name}.yaml`")
+    return path
+
+
 def builtin_teacher(name: str) -> Path:
     """The shipped teacher folder for a built-in dataset (``make teachers`` rebuilds them)."""
-    path = ASSETS / "teachers" / name
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no shipped teacher for {name!r} at {path}; train one with "
-                                f"`gendistill train configs/teacher/{name}.yaml`")
-    return path
+    return _shipped("teachers", name, "teacher")
 
 
 def builtin_student(name: str) -> Path:
-    """The shipped 1-step CTM student of a built-in dataset's shipped teacher."""
-    path = ASSETS / "students" / name
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no shipped student for {name!r} at {path}; train one with "
-                                f"`gendistill train configs/ctm/{name}.yaml`")
-    return path
+    """The shipped 1-step CTM student of a built-in dataset's shipped teacher
+    (``make students`` rebuilds them)."""
+    return _shipped("students", name, "ctm")

@@ -73,10 +73,13 @@ def enable_xformers(model: torch.nn.Module):
 
 
 def default_threads() -> int:
-    """The cores divided among this machine's training processes (torchrun / accelerate set
-    LOCAL_WORLD_SIZE): ranks that each take every core wait on each other's OpenMP threads."""
+    """OMP_NUM_THREADS when set, else the cores divided among this machine's training processes
+    (torchrun / accelerate set LOCAL_WORLD_SIZE): ranks that each take every core wait on each
+    other's OpenMP threads."""
     import os
 
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 

@@ -50,7 +50,11 @@ def test_presets_have_the_required_rows():
     for name in ("toy2d", "digits"):
         rows = {(r.model, r.method) for r in PRESETS[name].rows}
         assert {("teacher", "heun"), ("teacher", "euler-1"), ("ctm-1", "ctm"), ("ctm-2", "ctm"),
-                ("ctm-4-g0.5", "ctm"), ("ctm-1-l2", "ctm")} <= rows
+                ("ctm-4-g0.5", "ctm")} <= rows
+    assert {("ctm-1-l2", "ctm"), ("ctm-1-gan", "ctm")} <= \
+        {(r.model, r.method) for r in PRESETS["toy2d"].rows}
+    assert {("teacher", "heun-w3"), ("ctm-1-w3", "ctm")} <= \
+        {(r.model, r.method) for r in PRESETS["digits"].rows}
     assert {("teacher", "heun"), ("teacher", "euler-1")} <= \
         {(r.model, r.method) for r in PRESETS["synthsounds"].rows}
 
@@ -63,3 +67,14 @@ def test_markdown_table():
     md = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu", "num_samples": 10,
                            "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row]})
     assert "| teacher | heun | 10 | 35 |" in md and "(quick)" in md
+
+
+def test_rows_are_read_against_the_teacher_at_the_same_guidance():
+    from gendistill.eval.bench import teacher_row_for
+
+    rows = [dict(model="teacher", method="heun", call={}),
+            dict(model="teacher", method="heun-w3", call={"guidance_scale": 3.0}),
+            dict(model="ctm-1", method="ctm", call={"num_inference_steps": 1}),
+            dict(model="ctm-1-w3", method="ctm", call={"guidance_scale": 3.0})]
+    assert teacher_row_for(rows, rows[2]) is rows[0]
+    assert teacher_row_for(rows, rows[3]) is rows[1]
