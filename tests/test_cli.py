@@ -83,7 +83,7 @@ def test_help_on_every_command():
 
 def test_generate_rejects_class_out_of_range(toy_teacher, capsys):
     assert main(["generate", str(toy_teacher / "model"), "--class", "9", "--out", "x.png"]) == 2
-    assert "class labels must be in [0, 3]" in capsys.readouterr().err
+    assert "--class: 9 is out of range [0, 3]" in capsys.readouterr().err
 
 
 def test_text_to_sound_teacher_end_to_end(tmp_path):

@@ -20,7 +20,7 @@ def test_overrides_are_typed_and_nested():
     ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
     ("train.lr=fast", "train.lr: expected float"),
     ("train.resume=maybe", "train.resume: expected bool"),
-    ("method=gan", "unknown method 'gan'"),
+    ("method=gan", "method: expected one of teacher, ctm, got 'gan'"),
     ("train=3", "train: expected a mapping"),
     ("noequals", "not of the form key=value"),
 ])
