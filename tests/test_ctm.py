@@ -443,3 +443,12 @@ def test_shipped_toy2d_student_is_a_sharp_one_step_generator():
         r = evaluate_pipeline(student, "toy2d", 1000, 0, progress=False, num_inference_steps=1)
     assert r["nfe"] == 1
     assert r["score"] < 0.004 and r["precision"] > 0.88 and r["recall"] > 0.95, r
+    # after training, g(x, t, s) depends on s: the jump to sigma_min lands far from the
+    # denoiser's mean (s = t), and neighbouring small s are told apart
+    g = torch.Generator().manual_seed(0)
+    x, y = 80 * torch.randn(512, 2, generator=g), torch.arange(512) % 4
+    net = student.unet
+    with torch.no_grad():
+        at = {s: net(x, 80.0, s, y, return_denoised=True) for s in (80.0, 1.0, 0.1, 0.002)}
+    rms = lambda a, b: float((a - b).pow(2).sum(1).mean().sqrt())  # noqa: E731
+    assert rms(at[0.002], at[80.0]) > 0.5 and rms(at[0.1], at[1.0]) > 0.1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPO_ROOT, load_config, to_dict
+from ..config import REPO_ROOT, Config, flatten, load_config, to_dict
 
 
 @dataclass
@@ -87,9 +87,12 @@ PRESETS = {
         quick_overrides=["train.max_steps=300"], timing_batch=256),
     "digits": Preset(
         dataset="digits", teacher_config="configs/teacher/digits.yaml",
-        students={"ctm": Student("configs/ctm/digits.yaml")},
+        students={"ctm": Student("configs/ctm/digits.yaml"),
+                  # the same recipe without CFG distillation: what the omega input costs
+                  "ctm-unguided": Student("configs/ctm/digits.yaml", ["ctm.guidance_max=1"])},
         # the CFG-distilled student at omega = 3, read against the teacher at omega = 3
         rows=_teacher_rows(18) + _ctm_rows()[:3] + [
+            Row("ctm-1-unguided", "ctm", "ctm-unguided", {"num_inference_steps": 1}),
             Row("teacher", "heun-w3", "teacher",
                 {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0}),
             Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})],
@@ -118,9 +121,12 @@ PRESETS = {
 
 
 def config_hash(cfg) -> str:
-    values = to_dict(cfg)
-    values.pop("output_dir")
-    values["train"].pop("resume")
+    """A hash of what the run trains: the keys that differ from their defaults (so a key added
+    in a later version does not invalidate the cache) and the teacher's weights, not where the
+    run writes or whether it resumed."""
+    defaults = flatten(to_dict(Config()))
+    values = {k: v for k, v in flatten(to_dict(cfg)).items()
+              if k not in ("output_dir", "train.resume") and v != defaults.get(k)}
     if values.get("teacher"):
         weights = sorted(Path(values["teacher"]).rglob("*.safetensors"))
         values["teacher"] = [hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in weights]
