@@ -452,3 +452,23 @@ def test_shipped_toy2d_student_is_a_sharp_one_step_generator():
         at = {s: net(x, 80.0, s, y, return_denoised=True) for s in (80.0, 1.0, 0.1, 0.002)}
     rms = lambda a, b: float((a - b).pow(2).sum(1).mean().sqrt())  # noqa: E731
     assert rms(at[0.002], at[80.0]) > 0.5 and rms(at[0.1], at[1.0]) > 0.1
+
+
+def test_shipped_digits_student_and_the_demo_picture(tmp_path):
+    """The shipped CFG-distilled digits student: one call, the requested class, omega an input;
+    the demo draws it beside its teacher."""
+    from gendistill.assets import builtin_student
+    from gendistill.demo import shipped_students
+    from gendistill.eval.accuracy import conditional_accuracy
+    from gendistill.pipelines import load_pipeline
+
+    student = load_pipeline(builtin_student("digits"))
+    student.set_progress_bar_config(disable=True)
+    assert student.unet.has_guidance
+    labels = list(range(10)) * 5
+    out = student(class_labels=labels, num_inference_steps=1, output_type="latent",
+                  generator=torch.Generator().manual_seed(0)).samples
+    assert conditional_accuracy(out, torch.tensor(labels), "digits") > 0.9
+    shipped_students(tmp_path)
+    for name in ("digits", "toy2d"):
+        assert (tmp_path / f"{name}_teacher_vs_ctm.png").stat().st_size > 5000
