@@ -87,12 +87,9 @@ PRESETS = {
         quick_overrides=["train.max_steps=300"], timing_batch=256),
     "digits": Preset(
         dataset="digits", teacher_config="configs/teacher/digits.yaml",
-        students={"ctm": Student("configs/ctm/digits.yaml"),
-                  # the same recipe without CFG distillation: what the omega input costs
-                  "ctm-unguided": Student("configs/ctm/digits.yaml", ["ctm.guidance_max=1"])},
+        students={"ctm": Student("configs/ctm/digits.yaml")},
         # the CFG-distilled student at omega = 3, read against the teacher at omega = 3
         rows=_teacher_rows(18) + _ctm_rows()[:3] + [
-            Row("ctm-1-unguided", "ctm", "ctm-unguided", {"num_inference_steps": 1}),
             Row("teacher", "heun-w3", "teacher",
                 {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0}),
             Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})],
