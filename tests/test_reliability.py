@@ -24,9 +24,27 @@ def error_line(proc) -> str:
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_exit_3(tmp_path):
-    proc = train(tmp_path, "train.lr=1e30", "train.max_steps=20", "train.max_nonfinite=3")
-    assert proc.returncode == 3
-    assert "3 steps in a row with a non-finite loss or gradient" in error_line(proc)
+    """A loss that turns NaN from step 3 on (a diverged run): steps 3-5 are skipped, the third
+    in a row stops the run with exit 3, and the step-2 checkpoint is left as it was."""
+    code = f"""
+import sys, torch
+from gendistill.cli import main
+from gendistill.methods.teacher import TeacherTraining
+loss = TeacherTraining.loss
+def diverging(self, batch, step):
+    value, logs = loss(self, batch, step)
+    return (value * float("nan") if step >= 3 else value), logs
+TeacherTraining.loss = diverging
+sys.exit(main(["train", *{TINY!r}, "output_dir={tmp_path}", "train.max_steps=20",
+               "train.checkpoint_every=2", "train.max_nonfinite=3"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "3 steps in a row with a non-finite loss or gradient" in line and "step-2" in line
+    assert proc.stderr.count("update skipped") == 3
+    assert (tmp_path / "checkpoints" / "step-2" / "COMPLETE").is_file()
     assert not (tmp_path / "model").exists()
 
 
