@@ -127,6 +127,9 @@ def cmd_generate(args) -> int:
     rows = 1 if classes or prompts else max(1, len(output.conditions) // args.num_samples)
     for path in write_samples(pipe, output, args.out, rows=rows):
         print(f"wrote {path}")
+    if output.students is not None:  # MSD: which student answered each condition
+        answered = dict(zip(output.conditions, output.students))
+        print("; ".join(f"{c!r}: student {k}" for c, k in answered.items()))
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("teacher", "ctm")
+METHODS = ("teacher", "ctm", "msd")
 
 
 class ConfigError(ValueError):
@@ -90,6 +90,27 @@ class CTMConfig:
 
 
 @dataclass
+class MSDConfig:
+    """Multi-student distillation: K students, each trained by DMD2 (DESIGN.md section 5)."""
+
+    num_students: int = 4          # K; 1 is the DMD2 baseline
+    partition: str = "contiguous"  # classes: contiguous, kmeans or random; prompts: balanced
+    student: int | None = None     # train only this part (a separate job); unset: all, then
+                                   # assemble the pipeline
+    student_width: float = 1.0     # channel / width factor of each student (< 1: TSM first)
+    tsm_steps: int = 0             # teacher score matching steps before DM (narrow students)
+    guidance: float = 1.0          # the teacher's CFG scale omega in the DM gradient
+    gen_update_ratio: int = 5      # the fake score steps every iteration, the generator 1 in N
+    regression_weight: float = 0.25  # the regression term on teacher ODE pairs (0 = off)
+    num_pairs: int = 1024          # teacher ODE pairs, from the whole conditioning space
+    pair_steps: int = 18           # Heun steps of the teacher for each pair
+    adversarial: bool = False      # stage 2: the classifier head on the fake score's bottleneck
+    gan_start: int = 0             # the step stage 2 begins (it continues the DM run)
+    gan_generator_weight: float = 3e-3
+    gan_head_weight: float = 1e-2
+
+
+@dataclass
 class Config:
     method: str = "teacher"
     output_dir: str = "runs/teacher"
@@ -100,6 +121,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
     ctm: CTMConfig = field(default_factory=CTMConfig)
+    msd: MSDConfig = field(default_factory=MSDConfig)
 
 
 def _type_name(tp) -> str:
@@ -209,12 +231,19 @@ RANGES = {
     "ctm.guidance_max": (1, 100, False), "ctm.target_ema": (0, 1.0, False),
     "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),
     "ctm.s_log_scale": (0, 1e4, True),
+    "msd.num_students": (1, 4096, False), "msd.student": (0, 4095, False),
+    "msd.student_width": (0, 1.0, True), "msd.tsm_steps": (0, INF, False),
+    "msd.guidance": (1, 100, False), "msd.gen_update_ratio": (1, 1000, False),
+    "msd.regression_weight": (0, INF, False), "msd.num_pairs": (1, 10 ** 7, False),
+    "msd.pair_steps": (1, 1000, False), "msd.gan_start": (0, INF, False),
+    "msd.gan_generator_weight": (0, INF, False), "msd.gan_head_weight": (0, INF, False),
 }
 CHOICES = {
     "method": METHODS, "data.name": ("toy2d", "digits", "synthsounds", "npz"),
     "data.kind": (None, "vector", "image", "audio"),
     "train.mixed_precision": ("no", "fp16", "bf16"), "ctm.match_point": ("zs", "z0"),
     "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),
+    "msd.partition": ("contiguous", "kmeans", "random"),
 }
 
 
@@ -249,6 +278,13 @@ def validate(cfg: Config) -> Config:
     if c.max_jump is not None and c.max_jump > c.num_grid - 1:
         raise ConfigError(f"ctm.max_jump: {c.max_jump} is out of range [1, num_grid - 1 = "
                           f"{c.num_grid - 1}]")
+    m = cfg.msd
+    if m.student is not None and m.student >= m.num_students:
+        raise ConfigError(f"msd.student: {m.student} is out of range [0, num_students - 1 = "
+                          f"{m.num_students - 1}]")
+    if m.tsm_steps >= cfg.train.max_steps and cfg.method == "msd":
+        raise ConfigError(f"msd.tsm_steps ({m.tsm_steps}) leaves no DM steps before "
+                          f"train.max_steps ({cfg.train.max_steps})")
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.path: data.name=npz needs data.path=FILE.npz")
     return cfg

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import Config, ConfigError
 from .data import load_dataset
 from .data.conditioning import condition_tensors
+from .pipelines.base import mismatch
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -103,12 +104,17 @@ def run_training(cfg: Config) -> Path:
     elif cfg.method == "ctm":
         from .methods.ctm import CTMTraining
 
-        from .pipelines.base import mismatch
-
         teacher = load_teacher(cfg)
         if (why := mismatch(teacher, ds)) is not None:
             raise ConfigError(f"teacher: the model {why}")
         method = CTMTraining(cfg, teacher, null_cond)
+    elif cfg.method == "msd":
+        from .methods.msd import train_msd
+
+        teacher = load_teacher(cfg)
+        if (why := mismatch(teacher, ds)) is not None:
+            raise ConfigError(f"teacher: the model {why}")
+        return train_msd(cfg, ds, cond, null_cond, teacher)
     else:
         raise ConfigError(f"method: {cfg.method!r} is not implemented")
     if cfg.train.xformers:

@@ -2,16 +2,18 @@
 # diffusers loads third-party components only from modules already imported: the networks
 # (gendistill.models, no training code) are imported here so every saved folder loads.
 import gendistill.models.networks  # noqa: F401
+import gendistill.models.msd  # noqa: F401
 import gendistill.models.student  # noqa: F401
 from .audio import MelVocoder
 from .base import ConditionalPipeline, SamplesOutput
 from .ctm import CTMPipeline, CTMScheduler
+from .msd import MSDPipeline
 from .teacher import TeacherPipeline
 from .text import TextEncoder, load_text_encoder
 
-__all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "MelVocoder", "SamplesOutput", "TeacherPipeline", "load_pipeline",
-           "model_folder",
-           "TextEncoder", "load_text_encoder"]
+__all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "MSDPipeline", "MelVocoder",
+           "SamplesOutput", "TeacherPipeline", "TextEncoder", "load_pipeline", "load_text_encoder",
+           "model_folder"]
 
 
 def load_pipeline(path, **kwargs):
@@ -31,7 +33,7 @@ def load_pipeline(path, **kwargs):
         raise ValueError(f"{index}: no _class_name (which pipeline the folder holds)")
     if isinstance(name, list):  # saved with import shims: [module, class]
         name = name[1]
-    classes = {cls.__name__: cls for cls in (TeacherPipeline, CTMPipeline)}
+    classes = {cls.__name__: cls for cls in (TeacherPipeline, CTMPipeline, MSDPipeline)}
     if name in classes:
         return classes[name].from_pretrained(path, **kwargs)
     from diffusers import DiffusionPipeline

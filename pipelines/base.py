@@ -15,13 +15,15 @@ from .text import load_text_encoder
 class SamplesOutput(BaseOutput):
     """``samples``: images (PIL list / array / tensor), waveforms (with ``sample_rate``) or vectors.
 
-    ``latents`` are the raw model-space samples; ``conditions`` the class label or prompt of each.
+    ``latents`` are the raw model-space samples; ``conditions`` the class label or prompt of each;
+    ``students`` (MSD) the index of the student that made each.
     """
 
     samples: object
     latents: torch.Tensor
     conditions: list
     sample_rate: int | None = None
+    students: list | None = None
 
 
 def base_config(net):
@@ -129,7 +131,7 @@ class ConditionalPipeline(DiffusionPipeline):
                                     dtype=self.network.dtype)
 
     def postprocess(self, x: torch.Tensor, conditions: list, output_type: str = "pil",
-                    return_dict: bool = True):
+                    return_dict: bool = True, students: list | None = None):
         """Model space -> user space: images in [0, 1] / PIL, waveforms via the vocoder, vectors."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
@@ -151,6 +153,6 @@ class ConditionalPipeline(DiffusionPipeline):
         if not return_dict:
             return (samples,)
         return SamplesOutput(samples=samples, latents=x, conditions=conditions,
-                             sample_rate=sample_rate)
+                             sample_rate=sample_rate, students=students)
 
 

@@ -39,6 +39,16 @@ def feature_modules(net: nn.Module) -> list[nn.Module]:
     raise TypeError(f"no feature taps known for {type(net).__name__}")
 
 
+def bottleneck_module(net: nn.Module) -> nn.Module:
+    """The network's bottleneck: a UNet's mid block, an MLP's middle hidden layer (DMD2's
+    classifier head reads it)."""
+    if getattr(net, "mid_block", None) is not None:
+        return net.mid_block
+    if hasattr(net, "hidden_layers"):
+        return net.hidden_layers[len(net.hidden_layers) // 2]
+    raise TypeError(f"no bottleneck known for {type(net).__name__}")
+
+
 class Denoiser(nn.Module):
     """D(x, sigma, cond) -> x0_hat in sigma space, with the null condition used for CFG.
 
@@ -82,14 +92,15 @@ def full_precision(device: torch.device):
 
 
 @contextmanager
-def tap_features(net: nn.Module):
-    """Collect the outputs of ``feature_modules(net)`` during the forward passes in the block."""
+def tap_features(net: nn.Module, modules: list[nn.Module] | None = None):
+    """Collect the outputs of ``modules`` (default ``feature_modules(net)``) during the
+    forward passes in the block."""
     feats: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
         feats.append(output[0] if isinstance(output, tuple) else output)
 
-    handles = [m.register_forward_hook(hook) for m in feature_modules(net)]
+    handles = [m.register_forward_hook(hook) for m in (modules or feature_modules(net))]
     try:
         yield feats
     finally:

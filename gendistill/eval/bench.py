@@ -73,6 +73,25 @@ TOY2D_ABLATION = {
     "new-batch-64": ["train.batch_size=64"],
 }
 
+def _msd_students(config: str, extra: list[str]) -> dict[str, Student]:
+    """The MSD rows of issue 8: equal steps and batch per student in every row."""
+    return {"dmd2-k1": Student(config, ["msd.num_students=1", *extra]),
+            "msd-k2": Student(config, ["msd.num_students=2", *extra]),
+            "msd-k4": Student(config, ["msd.num_students=4", *extra]),
+            "msd-k4-w50": Student(config, ["msd.num_students=4", "msd.student_width=0.5",
+                                           *extra]),
+            "msd-k4-adv": Student(config, ["msd.num_students=4", "msd.adversarial=true",
+                                           *extra]),
+            "msd-k4-kmeans": Student(config, ["msd.num_students=4", "msd.partition=kmeans",
+                                              *extra]),
+            "msd-k4-random": Student(config, ["msd.num_students=4", "msd.partition=random",
+                                              *extra])}
+
+
+def _msd_rows(students: dict) -> list[Row]:
+    return [Row(name, "dmd2" if name == "dmd2-k1" else "msd", name, {}) for name in students]
+
+
 PRESETS = {
     "toy2d": Preset(
         dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",

@@ -1,12 +1,13 @@
 """The training loop every method shares, on accelerate.
 
 A method gives ``model`` (what the optimiser trains), ``loss(batch, step) -> (loss, logs)``
-and ``export(ema_model, folder)``. A method with a second player (CTM's discriminator) also
-gives ``auxiliary = (module, optimiser)`` and ``auxiliary_loss(batch, step) -> (loss, logs)``
-(None while the player sits out), stepped after the model on every iteration. The loop does
-the rest: optimiser and warm-up, mixed
-precision, gradient clipping, EMA, tqdm progress, tensorboard logs, checkpoints and resume,
-and a NaN guard that stops with the last good checkpoint intact.
+and ``export(ema_model, folder)``. A method with a second player (CTM's discriminator, DMD2's
+fake score) also gives ``auxiliary = (module, optimiser)`` and ``auxiliary_loss(batch, step)``.
+Either loss may be None: that player sits the iteration out (DMD2's generator steps every
+``gen_update_ratio`` iterations). Both losses are computed, then both players step. The loop
+does the rest: optimiser and warm-up, mixed precision, gradient clipping, EMA, tqdm progress,
+tensorboard logs, checkpoints and resume, and a NaN guard that stops with the last good
+checkpoint intact.
 """
 from __future__ import annotations
 
@@ -195,43 +196,51 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start = time.time()
     nonfinite_in_a_row, nonfinite_total = 0, 0
+    loss = grad_norm = torch.tensor(float("nan"))  # logged values until the model first steps
+    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
     while counter.step < tc.max_steps:
         model.train()
         batch = next(batches)
         with accelerator.autocast():
-            loss, logs = method.loss(batch, counter.step)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        # the norm before clipping is logged: a clip that is active on every step shows here
-        grad_norm = accelerator.clip_grad_norm_(
-            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            # skip the update; a run that keeps producing NaN/Inf stops with its last good
-            # checkpoint untouched
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            accelerator.log({"nonfinite_steps": nonfinite_total}, step=counter.step)
-            log.warning("step %d: loss %s, grad norm %s: update skipped", counter.step,
-                        loss.item(), float(grad_norm))
-            if nonfinite_in_a_row >= tc.max_nonfinite:
-                raise TrainingError(
-                    f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient "
-                    f"(loss {loss.item()} at step {counter.step}); stopped (last checkpoint: "
-                    f"{latest_checkpoint(out) or 'none'})")
-            continue
-        nonfinite_in_a_row = 0
-        optimizer.step()
-        scheduler.step()
-        ema.update(accelerator.unwrap_model(model))
+            step_loss, logs = method.loss(batch, counter.step)
+        # a loss of None: the model sits this iteration out (DMD2's two time-scale rule)
+        players = [] if step_loss is None else [(step_loss, model, optimizer, scheduler)]
         if auxiliary is not None:
             with accelerator.autocast():
                 aux_loss, aux_logs = method.auxiliary_loss(batch, counter.step)
             if aux_loss is not None:
-                auxiliary[1].zero_grad(set_to_none=True)
-                accelerator.backward(aux_loss)
-                auxiliary[1].step()
+                players.append((aux_loss, auxiliary[0], auxiliary[1], None))
                 logs.update(aux_logs)
+        finite = True
+        for player_loss, module, player_optimizer, _ in players:
+            player_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(player_loss)
+            # the norm before clipping is logged: a clip active on every step shows here
+            norm = accelerator.clip_grad_norm_(module.parameters(), clip)
+            finite = finite and bool(torch.isfinite(player_loss) and torch.isfinite(norm))
+            if module is model:
+                loss, grad_norm = player_loss, norm
+        if not finite:
+            # skip the update; a run that keeps producing NaN/Inf stops with its last good
+            # checkpoint untouched
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            accelerator.log({"nonfinite_steps": nonfinite_total}, step=counter.step)
+            log.warning("step %d: loss %s, grad norm %s: update skipped", counter.step,
+                        float(players[0][0]), float(grad_norm))
+            if nonfinite_in_a_row >= tc.max_nonfinite:
+                raise TrainingError(
+                    f"{nonfinite_in_a_row} steps in a row with a non-finite loss or gradient "
+                    f"(loss {float(players[0][0])} at step {counter.step}); stopped (last "
+                    f"checkpoint: {latest_checkpoint(out) or 'none'})")
+            continue
+        nonfinite_in_a_row = 0
+        for _loss, module, player_optimizer, player_scheduler in players:
+            player_optimizer.step()
+            if player_scheduler is not None:
+                player_scheduler.step()
+            if module is model:
+                ema.update(accelerator.unwrap_model(model))
         if hasattr(method, "after_step"):
             method.after_step(counter.step)
         counter.step += 1
@@ -270,7 +279,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
 RESUME_FREE_KEYS = {"output_dir", "train.max_steps", "train.resume", "train.checkpoint_every",
                     "train.log_every", "train.keep_checkpoints", "train.max_nonfinite",
                     "train.threads", "train.overwrite", "train.allow_config_change", "train.cpu",
-                    "train.xformers"}
+                    "train.xformers", "msd.student"}
 RESUME_GUARDED_KEYS = {"train.batch_size", "train.lr", "train.warmup_steps"}
 
 

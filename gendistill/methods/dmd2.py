@@ -1,0 +1,259 @@
+"""DMD2 (Yin et al. 2024) for one student of multi-student distillation (DESIGN.md section 5).
+
+Generator x = G(z, c) = D_G(sigma_max z, sigma_max, c). With x_sigma = x + sigma eps, sigma from
+the Karras grid between 2 % and 98 % of its range:
+
+  p_real = x - D^omega_teacher(x_sigma, sigma, c),   p_fake = x - mu_fake(x_sigma, sigma, c)
+  grad   = (p_real - p_fake) / mean|p_real|           (mean per sample)
+  L_DM   = 0.5 ||x - sg(x - grad)||^2                 (its gradient in x is grad)
+
+mu_fake starts as the teacher and learns the generator's distribution by denoising sg(x) every
+iteration; the generator steps every ``gen_update_ratio`` iterations (two time-scale rule). A
+regression term pulls G(z_pair, c_pair) to the teacher's ODE sample from the same noise (pairs
+from the whole conditioning space). Stage 2 adds a classifier head on mu_fake's bottleneck
+(non-saturating GAN). Smaller students first learn the teacher's denoiser (TSM).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..diffusion import (SIGMA_DATA, Denoiser, EDMDenoiser, append_dims, append_zero, bottleneck_module,
+                         cfg_denoise, edm_loss_weight, full_precision, karras_sigmas,
+                         sample_heun, sample_lognormal, tap_features)
+from ..models.discriminator import FeatureDiscriminator
+from ..models.msd import one_step
+from ..models.networks import MLPNet
+
+DM_GRID_POINTS = 1000
+
+
+def dm_sigmas(n: int, grid: torch.Tensor, low: float = 0.02, high: float = 0.98,
+              generator=None) -> torch.Tensor:
+    """sigma uniform over the grid's indices between ``low`` and ``high`` of its range."""
+    last = len(grid) - 1
+    lo, hi = int(round(low * last)), int(round(high * last))
+    idx = torch.randint(lo, hi + 1, (n,), generator=generator)
+    return grid[idx.to(grid.device)]
+
+
+def distribution_matching_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser,
+                               sigma: torch.Tensor, cond=None, guidance: float = 1.0,
+                               noise: torch.Tensor | None = None):
+    """(L_DM, grad): the teacher under CFG at ``guidance``, the fake score unguided."""
+    noise = torch.randn_like(x) if noise is None else noise
+    with torch.no_grad(), full_precision(x.device):
+        x_sigma = x.detach().float() + append_dims(sigma, x.ndim) * noise.float()
+        p_real = x.detach().float() - cfg_denoise(teacher, x_sigma, sigma, cond, guidance)
+        p_fake = x.detach().float() - fake(x_sigma, sigma, cond)
+        scale = p_real.abs().flatten(1).mean(1).clamp_min(1e-8)
+        grad = (p_real - p_fake) / append_dims(scale, x.ndim)
+    loss = 0.5 * ((x.float() - (x.detach().float() - grad)) ** 2).mean()
+    return loss, grad
+
+
+def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, cond=None,
+                   target: Denoiser | None = None, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """lambda(sigma) ||D(x0 + sigma eps) - y||^2 with y = x0 (the fake score's DSM on generated
+    samples) or y = target(x_sigma) (TSM: a student learns the teacher's denoiser)."""
+    x = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+    y = x0
+    if target is not None:
+        with torch.no_grad(), full_precision(x.device):
+            y = target(x.float(), sigma, cond)
+    err = ((denoiser(x, sigma, cond) - y) ** 2).flatten(1).mean(1)
+    return (edm_loss_weight(sigma, sigma_data) * err).mean()
+
+
+class FakeScore(nn.Module):
+    """mu_fake (a copy of the teacher's network, EDM-preconditioned) and, for the adversarial
+    stage, a classifier head on its bottleneck."""
+
+    def __init__(self, network: nn.Module, sigma_data: float, sigma_min: float,
+                 sigma_max: float, head: bool, example=None):
+        super().__init__()
+        self.denoiser = EDMDenoiser(network, sigma_data=sigma_data, sigma_min=sigma_min,
+                                    sigma_max=sigma_max)
+        self.head = None
+        if head:
+            with torch.no_grad():
+                feats = self.bottleneck(*example)[1]
+            self.head = FeatureDiscriminator.for_features(feats)
+
+    def bottleneck(self, x, sigma, cond=None):
+        net = self.denoiser.net
+        with tap_features(net, [bottleneck_module(net)]) as feats:
+            out = self.denoiser(x, sigma, cond)
+        return out, list(feats)
+
+    def forward(self, x, sigma, cond=None):
+        return self.denoiser(x, sigma, cond)
+
+    def logits(self, x, sigma, cond=None) -> torch.Tensor:
+        """The head's logit for x noised at sigma (gradients reach x, the head and mu_fake)."""
+        x = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+        return self.head(self.bottleneck(x, sigma, cond)[1])
+
+
+def narrow_network(network: nn.Module, width: float) -> nn.Module:
+    """A fresh network of the teacher's architecture with its channels (UNet) or hidden width
+    (MLP) scaled by ``width`` (TSM students); 1.0 is a copy of the teacher."""
+    import copy
+
+    if width == 1.0:
+        return copy.deepcopy(network)
+    config = dict(network.config)
+    if isinstance(network, MLPNet):
+        config["width"] = max(1, round(config["width"] * width))
+    else:
+        groups = config.get("norm_num_groups") or 1
+        channels = [max(groups, round(c * width / groups) * groups)
+                    for c in config["block_out_channels"]]
+        config["block_out_channels"] = channels
+    return type(network).from_config(config)
+
+
+@torch.no_grad()
+def teacher_pairs(teacher: Denoiser, conds: torch.Tensor | None, shape: tuple, guidance: float,
+                  num_steps: int, seed: int, batch_size: int = 256) -> dict:
+    """Teacher ODE samples x_pair = Heun(sigma_max z, c) for the given conditions, with their
+    noise ``noise`` = sigma_max z: regression targets from the same noise and condition."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(conds) if conds is not None else batch_size
+    noise = teacher.sigma_max * torch.randn(n, *shape, generator=g)
+    sigmas = append_zero(karras_sigmas(num_steps, teacher.sigma_min, teacher.sigma_max))
+    out = []
+    for i in range(0, n, batch_size):
+        c = None if conds is None else conds[i:i + batch_size]
+        out.append(sample_heun(teacher, noise[i:i + batch_size], sigmas, c, guidance))
+    return {"noise": noise, "cond": conds, "x": torch.cat(out)}
+
+
+def cached_pairs(path: Path, key: dict, make) -> dict:
+    """The pairs saved at ``path`` when they were made with ``key``; else made and saved
+    (written whole, then renamed: students running in parallel never read half a file)."""
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if json.loads(saved["key"]) == key:
+            return saved
+    pairs = make()
+    pairs["key"] = json.dumps(key, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{__import__('os').getpid()}.tmp")
+    torch.save(pairs, tmp)
+    tmp.replace(path)
+    return pairs
+
+
+class DMD2Training:
+    """One student on its part of the conditioning space: TSM (narrow students), DM with the
+    two time-scale rule and the regression term, then the optional adversarial stage."""
+
+    def __init__(self, cfg: Config, teacher: Denoiser, null_cond, pairs: dict):
+        m = cfg.msd
+        self.cfg, self.null_cond, self.pairs = cfg, null_cond, pairs
+        if not isinstance(teacher, EDMDenoiser):
+            raise ConfigError(f"teacher: MSD students start from the teacher's weights and need "
+                              f"an EDM-preconditioned teacher, got {type(teacher).__name__}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.model = narrow_network(teacher.net, m.student_width).requires_grad_(True)
+        example = (pairs["x"][:2], torch.ones(2),
+                   None if pairs["cond"] is None else pairs["cond"][:2])
+        import copy
+
+        fake = FakeScore(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data,
+                         teacher.sigma_min, teacher.sigma_max, head=m.adversarial,
+                         example=example)
+        self.auxiliary = (fake, torch.optim.AdamW(fake.parameters(), lr=cfg.train.lr,
+                                                  weight_decay=cfg.train.weight_decay))
+        self.grid = karras_sigmas(DM_GRID_POINTS, teacher.sigma_min, teacher.sigma_max)
+        self.generated = None  # the generator step's samples, reused by the fake score's step
+
+    @property
+    def fake(self) -> FakeScore:
+        fake = self.auxiliary[0]  # DDP-wrapped on several GPUs
+        return getattr(fake, "module", fake)
+
+    def stage(self, step: int) -> str:
+        m = self.cfg.msd
+        if step < m.tsm_steps:
+            return "tsm"
+        if m.adversarial and step >= m.gan_start:
+            return "adversarial"
+        return "dm"
+
+    def student_denoiser(self) -> EDMDenoiser:
+        """The student's network as a denoiser at every sigma (for TSM)."""
+        t = self.teacher
+        return EDMDenoiser(self.model, sigma_data=t.sigma_data, sigma_min=t.sigma_min,
+                           sigma_max=t.sigma_max)
+
+    def generate(self, noise, cond):
+        return one_step(self.model, noise, cond, self.teacher.sigma_max, self.teacher.sigma_data)
+
+    def loss(self, batch, step):
+        m = self.cfg.msd
+        x0, cond = batch if len(batch) == 2 else (batch[0], None)
+        device, n = x0.device, x0.shape[0]
+        self.teacher.to(device)
+        stage = self.stage(step)
+        if stage == "tsm":
+            sigma = sample_lognormal(n, self.cfg.edm.p_mean, self.cfg.edm.p_std, device=device)
+            loss = denoising_loss(self.student_denoiser(), x0, sigma, cond,
+                                  target=self.teacher, sigma_data=self.teacher.sigma_data)
+            return loss, {"tsm": loss.detach()}
+        if (step - m.tsm_steps) % m.gen_update_ratio != 0:
+            return None, {}  # the fake score steps alone
+        x = self.generate(self.teacher.sigma_max * torch.randn_like(x0), cond)
+        sigma = dm_sigmas(n, self.grid.to(device))
+        loss_dm, _grad = distribution_matching_loss(x, self.teacher, self.fake.denoiser, sigma,
+                                                    cond, m.guidance)
+        loss, logs = loss_dm, {"dm": loss_dm.detach()}
+        if m.regression_weight > 0:
+            idx = torch.randint(len(self.pairs["x"]), (n,))
+            pair_cond = None if self.pairs["cond"] is None else self.pairs["cond"][idx].to(device)
+            estimate = self.generate(self.pairs["noise"][idx].to(device), pair_cond)
+            loss_reg = ((estimate - self.pairs["x"][idx].to(device)) ** 2).flatten(1).mean(1)
+            loss_reg = loss_reg.mean()
+            loss = loss + m.regression_weight * loss_reg
+            logs["regression"] = loss_reg.detach()
+        if stage == "adversarial":
+            # the non-saturating generator loss through the head on mu_fake's bottleneck
+            logits = self.fake.logits(x, dm_sigmas(n, self.grid.to(device)), cond)
+            loss_gan = nn.functional.softplus(-logits).mean()
+            loss = loss + m.gan_generator_weight * loss_gan
+            logs["gan"] = loss_gan.detach()
+        self.generated = x.detach()
+        return loss, logs
+
+    def auxiliary_loss(self, batch, step):
+        """The fake score's denoising loss on the generator's samples (and the head's)."""
+        stage = self.stage(step)
+        if stage == "tsm":
+            return None, {}
+        x0, cond = batch if len(batch) == 2 else (batch[0], None)
+        fake = self.fake
+        x = self.generated
+        if x is None:
+            with torch.no_grad():
+                x = self.generate(self.teacher.sigma_max * torch.randn_like(x0), cond)
+        self.generated = None
+        sigma = dm_sigmas(x.shape[0], self.grid.to(x.device))
+        loss = denoising_loss(fake.denoiser, x, sigma, cond,
+                              sigma_data=self.teacher.sigma_data)
+        logs = {"fake_dsm": loss.detach()}
+        if stage == "adversarial":
+            real = fake.logits(x0, dm_sigmas(x.shape[0], self.grid.to(x.device)), cond)
+            generated = fake.logits(x, sigma, cond)
+            loss_head = (nn.functional.softplus(-real) + nn.functional.softplus(generated)).mean()
+            loss = loss + self.cfg.msd.gan_head_weight * loss_head
+            logs.update(head=loss_head.detach(), d_real=real.mean().detach(),
+                        d_fake=generated.mean().detach())
+        return loss, logs
+
+    def export(self, network, folder: Path):
+        network.save_pretrained(folder)

@@ -1,0 +1,213 @@
+"""Multi-student distillation (Song et al. 2024): partition, K DMD2 students, one pipeline.
+
+``output_dir`` holds the run:
+
+  partition.json          the router (which condition goes to which student)
+  teacher_pairs.pt        the teacher's ODE pairs, made once, shared by every student
+  students/student-k/     student k's own training run (checkpoints, logs, model/)
+  model/                  the assembled MSDPipeline
+
+Students are independent: ``msd.student=k`` trains part k alone (a separate process or cluster
+job); a run without it trains the parts still missing and assembles the pipeline.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, to_dict
+from ..data import Dataset
+from ..partition import PartitionError, Router, class_features, partition_classes
+
+log = logging.getLogger("gendistill")
+
+MAX_FEATURE_SAMPLES = 256  # per class, for the k-means features
+
+
+@torch.no_grad()
+def teacher_class_features(teacher, ds: Dataset) -> torch.Tensor:
+    """Per-class mean of the teacher's bottleneck features of real data at sigma = sigma_data
+    (spatially pooled): what ``partition=kmeans`` clusters."""
+    from ..diffusion import bottleneck_module, tap_features
+
+    net = teacher.net
+    keep = torch.cat([(ds.y == c).nonzero().flatten()[:MAX_FEATURE_SAMPLES]
+                      for c in range(ds.num_classes)])
+    x, y = ds.x[keep], ds.y[keep]
+    sigma = torch.full((len(x),), float(getattr(teacher, "sigma_data", 0.5)))
+    g = torch.Generator().manual_seed(0)
+    x_sigma = x + sigma.view(-1, *[1] * (x.ndim - 1)) * torch.randn(x.shape, generator=g)
+    with tap_features(net, [bottleneck_module(net)]) as feats:
+        teacher(x_sigma, sigma, y)
+    h = feats[0]
+    h = h.mean((2, 3)) if h.ndim == 4 else h
+    return class_features(h, y, ds.num_classes)
+
+
+def pooled_captions(captions: list[str]) -> torch.Tensor:
+    """The text encoder's pooled embedding of each caption."""
+    from ..pipelines.text import MINILM, load_text_encoder
+
+    return torch.cat([load_text_encoder(MINILM)(captions[i:i + 256])[1]
+                      for i in range(0, len(captions), 256)])
+
+
+def build_router(cfg: Config, ds: Dataset, teacher) -> Router:
+    """The partition of ``ds``'s conditioning space among ``msd.num_students`` students."""
+    m = cfg.msd
+    try:
+        if ds.conditioning == "class":
+            features = teacher_class_features(teacher, ds) if m.partition == "kmeans" else None
+            return partition_classes(m.partition, ds.num_classes, m.num_students, cfg.seed,
+                                     features)
+        if ds.conditioning == "text":
+            return Router.for_prompts(pooled_captions(sorted(set(ds.captions))),
+                                      m.num_students)
+    except PartitionError as e:
+        raise ConfigError(f"msd: {e}") from None
+    if m.num_students != 1:
+        raise ConfigError(f"msd.num_students: an unconditional dataset ({ds.name}) has one "
+                          f"part, got {m.num_students}")
+    return Router({"kind": "single"})
+
+
+def part_of_each_sample(router: Router, ds: Dataset) -> torch.Tensor:
+    """The student index of every training sample."""
+    if ds.conditioning == "class":
+        return router(ds.y)
+    if ds.conditioning == "text":
+        captions = sorted(set(ds.captions))
+        part = dict(zip(captions, router(pooled_captions(captions)).tolist()))
+        return torch.tensor([part[c] for c in ds.captions])
+    return torch.zeros(len(ds), dtype=torch.long)
+
+
+def regression_pairs(cfg: Config, teacher, ds: Dataset, cond, out: Path) -> dict:
+    """Teacher ODE pairs over the **whole** conditioning space (balanced over classes, or
+    random training captions), cached in ``output_dir/teacher_pairs.pt``."""
+    from .dmd2 import cached_pairs, teacher_pairs
+
+    m = cfg.msd
+    n = m.num_pairs
+    if ds.conditioning == "class":
+        pair_cond = torch.arange(n) % ds.num_classes
+    elif cond is not None:
+        pair_cond = cond[torch.randint(len(cond), (n,),
+                                       generator=torch.Generator().manual_seed(cfg.seed))]
+    else:
+        pair_cond = None
+    key = {"num_pairs": n, "guidance": m.guidance, "steps": m.pair_steps, "seed": cfg.seed,
+           "teacher": cfg.teacher or ds.name, "shape": list(ds.shape)}
+
+    def make():
+        log.info("making %d teacher ODE pairs (%d Heun steps)", n, m.pair_steps)
+        return teacher_pairs(teacher, pair_cond, ds.shape, m.guidance, m.pair_steps, cfg.seed,
+                             n if pair_cond is None else 256)
+
+    return cached_pairs(out / "teacher_pairs.pt", key, make)
+
+
+def student_config(cfg: Config, k: int) -> Config:
+    """Student k's own run: its folder, its part, its seed."""
+    part = copy.deepcopy(cfg)
+    part.output_dir = str(Path(cfg.output_dir) / "students" / f"student-{k}")
+    part.msd.student = k
+    part.seed = cfg.seed + k
+    return part
+
+
+def student_done(part: Config) -> bool:
+    """True when the part's model is saved under this very config (an older run of another
+    config is an error, unless train.overwrite)."""
+    from ..training.loop import check_resumable
+
+    folder = Path(part.output_dir)
+    if not (folder / "model" / "config.json").is_file() or part.train.overwrite:
+        return False
+    check_resumable(folder, part)
+    return True
+
+
+def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: Dataset, cond,
+                  teacher, null_cond, pairs: dict) -> Path:
+    from accelerate.utils import set_seed
+
+    from ..train import data_loader
+    from ..training import train
+    from .dmd2 import DMD2Training
+
+    part = student_config(cfg, k)
+    if student_done(part):
+        log.info("student %d: done (%s)", k, Path(part.output_dir) / "model")
+        return Path(part.output_dir) / "model"
+    rows = (parts == k).nonzero().flatten()
+    log.info("student %d of %d: %d training samples", k, router.num_students, len(rows))
+    set_seed(part.seed)
+    method = DMD2Training(part, teacher, null_cond, pairs)
+    loader = data_loader(ds.x[rows], None if cond is None else cond[rows],
+                         part.train.batch_size, part.seed)
+    return train(part, method, loader)
+
+
+def assemble(cfg: Config, router: Router, teacher, teacher_pipe) -> Path:
+    """Every student's network + the router -> one MSDPipeline in ``output_dir/model``."""
+    from ..models.msd import MSDStudents
+    from ..models.student import NETWORK_CLASSES
+    from ..pipelines import MSDPipeline
+    from ..pipelines.remote import save_with_remote_code
+
+    out = Path(cfg.output_dir)
+    folders = [Path(student_config(cfg, k).output_dir) / "model"
+               for k in range(router.num_students)]
+    missing = [k for k, f in enumerate(folders) if not (f / "config.json").is_file()]
+    if missing:
+        raise ConfigError(f"msd: cannot assemble {out / 'model'}: student(s) "
+                          f"{', '.join(map(str, missing))} not trained yet (run them with "
+                          f"msd.student=K, or all with msd.student unset)")
+    networks = []
+    for folder in folders:
+        name = json.loads((folder / "config.json").read_text())["_class_name"]
+        networks.append(NETWORK_CLASSES[name].from_pretrained(folder))
+    students = MSDStudents.from_networks(networks, router, teacher.sigma_data,
+                                         teacher.sigma_max)
+    pipe = MSDPipeline(students=students, vocoder=getattr(teacher_pipe, "vocoder", None),
+                       text_encoder_name=teacher_pipe.config.text_encoder_name)
+    final = out / "model"
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_with_remote_code(pipe, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    seconds = sum(json.loads(t.read_text())["seconds"] for f in folders
+                  if (t := f.parent / "train_time.json").is_file())
+    (out / "train_time.json").write_text(json.dumps(
+        {"students": router.num_students, "seconds": round(seconds, 1),
+         "per_student_steps": cfg.train.max_steps}))
+    log.info("saved %s", final)
+    return final
+
+
+def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
+    """Train the students (all, or ``msd.student``) and assemble the pipeline when all are
+    there. Returns the pipeline folder, or the part's network folder for a single part."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file, not a folder")
+    teacher = teacher_pipe.denoiser().eval().requires_grad_(False)
+    router = build_router(cfg, ds, teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partition.json").write_text(json.dumps(router.state) + "\n")
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    parts = part_of_each_sample(router, ds)
+    pairs = regression_pairs(cfg, teacher, ds, cond, out)
+    todo = range(router.num_students) if cfg.msd.student is None else [cfg.msd.student]
+    for k in todo:
+        folder = train_student(cfg, k, router, parts, ds, cond, teacher, null_cond, pairs)
+    if cfg.msd.student is not None:
+        return folder
+    return assemble(cfg, router, teacher, teacher_pipe)

@@ -1,0 +1,47 @@
+"""MSDPipeline: K one-step students behind a router (multi-student distillation).
+
+A batch may mix conditions: the router splits it among the students and the results come back
+in the batch's order; each sample costs one network call.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import ConditionalPipeline
+from .text import load_text_encoder
+
+
+class MSDPipeline(ConditionalPipeline):
+    network_name = "students"
+    model_cpu_offload_seq = "students"
+    _optional_components = ["vocoder"]
+
+    def __init__(self, students, vocoder=None, text_encoder_name: str | None = None):
+        super().__init__()
+        self.register_modules(students=students, vocoder=vocoder)
+        self.register_to_config(text_encoder_name=text_encoder_name)
+
+    def route(self, cond, conditions: list) -> torch.Tensor:
+        """Student index of each sample: by class label, or by the prompt's pooled embedding."""
+        if self.conditioning == "text":
+            _states, pooled = load_text_encoder(self.config.text_encoder_name)(conditions)
+            return self.students.router(pooled).to(self.device)
+        if cond is None:
+            return torch.zeros(len(conditions), dtype=torch.long, device=self.device)
+        return self.students.router(cond)
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
+                 num_per_condition: int = 1, num_inference_steps: int = 1, generator=None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """One step from sigma_max; ``.students`` of the output says which student made each
+        sample."""
+        if num_inference_steps != 1:
+            raise ValueError(f"MSD students are 1-step generators: num_inference_steps must be "
+                             f"1, got {num_inference_steps}")
+        cond, conditions = self.prepare_conditions(class_labels, prompt, batch_size,
+                                                   num_per_condition)
+        student = self.route(cond, conditions)
+        noise = self.initial_noise(len(conditions), self.students.config.sigma_max, generator)
+        x = self.students(noise, cond, student)
+        return self.postprocess(x, conditions, output_type, return_dict, student.tolist())
