@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (or reuse, cached by config hash) the preset's teacher "
                        "and students, evaluate every row in one process, and write results.json, "
                        "results.md and plots into --out.")
-    b.add_argument("preset", choices=["toy2d", "digits", "synthsounds", "toy2d-ablation"])
+    from .eval.bench import PRESETS
+
+    b.add_argument("preset", choices=list(PRESETS))
     b.add_argument("--quick", action="store_true",
                    help="short trainings and fewer samples (a few minutes on a CPU)")
     b.add_argument("--out", required=True, metavar="DIR", help="results folder")

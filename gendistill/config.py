@@ -95,12 +95,15 @@ class MSDConfig:
 
     num_students: int = 4          # K; 1 is the DMD2 baseline
     partition: str = "contiguous"  # classes: contiguous, kmeans or random; prompts: balanced
+                                   # (median cuts of the pooled text embedding)
     student: int | None = None     # train only this part (a separate job); unset: all, then
                                    # assemble the pipeline
     student_width: float = 1.0     # channel / width factor of each student (< 1: TSM first)
-    tsm_steps: int = 0             # teacher score matching steps before DM (narrow students)
+    tsm_steps: int = 0             # narrow students: teacher score matching steps before DM
     guidance: float = 1.0          # the teacher's CFG scale omega in the DM gradient
     gen_update_ratio: int = 5      # the fake score steps every iteration, the generator 1 in N
+    dm_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # DM's sigmas: this
+                                   # span of the Karras grid's indices (0 = sigma_max)
     regression_weight: float = 0.25  # the regression term on teacher ODE pairs (0 = off)
     num_pairs: int = 1024          # teacher ODE pairs, from the whole conditioning space
     pair_steps: int = 18           # Heun steps of the teacher for each pair
@@ -235,7 +238,7 @@ RANGES = {
     "msd.student_width": (0, 1.0, True), "msd.tsm_steps": (0, INF, False),
     "msd.guidance": (1, 100, False), "msd.gen_update_ratio": (1, 1000, False),
     "msd.regression_weight": (0, INF, False), "msd.num_pairs": (1, 10 ** 7, False),
-    "msd.pair_steps": (1, 1000, False), "msd.gan_start": (0, INF, False),
+    "msd.pair_steps": (1, 1000, False), "msd.dm_range[]": (0, 1.0, False), "msd.gan_start": (0, INF, False),
     "msd.gan_generator_weight": (0, INF, False), "msd.gan_head_weight": (0, INF, False),
 }
 CHOICES = {
@@ -243,7 +246,7 @@ CHOICES = {
     "data.kind": (None, "vector", "image", "audio"),
     "train.mixed_precision": ("no", "fp16", "bf16"), "ctm.match_point": ("zs", "z0"),
     "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),
-    "msd.partition": ("contiguous", "kmeans", "random"),
+    "msd.partition": ("contiguous", "kmeans", "random", "balanced"),
 }
 
 
@@ -282,7 +285,10 @@ def validate(cfg: Config) -> Config:
     if m.student is not None and m.student >= m.num_students:
         raise ConfigError(f"msd.student: {m.student} is out of range [0, num_students - 1 = "
                           f"{m.num_students - 1}]")
-    if m.tsm_steps >= cfg.train.max_steps and cfg.method == "msd":
+    if len(m.dm_range) != 2 or m.dm_range[0] >= m.dm_range[1]:
+        raise ConfigError(f"msd.dm_range: expected [low, high] with low < high, got "
+                          f"{m.dm_range}")
+    if m.student_width < 1 and m.tsm_steps >= cfg.train.max_steps and cfg.method == "msd":
         raise ConfigError(f"msd.tsm_steps ({m.tsm_steps}) leaves no DM steps before "
                           f"train.max_steps ({cfg.train.max_steps})")
     if cfg.data.name == "npz" and not cfg.data.path:

@@ -1,9 +1,6 @@
 """MSD on DMD2: the distribution-matching gradient, the fake score, TSM, the regression pairs,
 the two time-scale rule, the students component and the whole run through the CLI."""
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,6 +14,8 @@ from gendistill.methods.dmd2 import (DMD2Training, cached_pairs, denoising_loss,
 from gendistill.models.msd import MSDStudents, one_step
 from gendistill.models.networks import MLPNet, build_network
 from gendistill.partition import Router, contiguous_partition
+from test_cli import run  # the gendistill command in a subprocess, as a user runs it
+from test_ctm import run_python  # python code in a fresh process
 
 
 class GaussianDenoiser(Denoiser):
@@ -142,7 +141,8 @@ def test_students_start_from_the_teacher_and_narrow_ones_are_smaller():
 
 
 def test_two_time_scale_rule_and_stages():
-    method, _ = toy_training(gen_update_ratio=5, tsm_steps=3, adversarial=True, gan_start=10)
+    method, _ = toy_training(gen_update_ratio=5, tsm_steps=3, student_width=0.5,
+                             adversarial=True, gan_start=10)
     batch = (torch.randn(8, 2), torch.arange(8) % 4)
     assert [method.stage(s) for s in (0, 2, 3, 9, 10)] == ["tsm", "tsm", "dm", "dm",
                                                             "adversarial"]
@@ -170,14 +170,6 @@ def test_students_component_routes_a_mixed_batch_with_one_call_per_sample():
         k = int(router(labels[i:i + 1]))
         torch.testing.assert_close(out[i:i + 1], one_step(nets[k], noise[i:i + 1],
                                                            labels[i:i + 1]))
-
-
-def run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "gendistill", *args], capture_output=True,
-                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"gendistill {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 TINY = ["train.max_steps=12", "train.batch_size=32", "msd.num_pairs=32", "msd.pair_steps=4",
@@ -226,7 +218,7 @@ def test_msd_pipeline_loads_in_a_fresh_process_with_diffusers_alone(msd_run, tmp
                     generator=torch.Generator().manual_seed(5))
     assert expected.students == [1, 0, 1, 0]
     torch.save(expected.samples, tmp_path / "expected.pt")
-    code = f"""
+    stdout = run_python(f"""
         import torch
         from diffusers import DiffusionPipeline
         pipe = DiffusionPipeline.from_pretrained({str(out / 'model')!r}, trust_remote_code=True)
@@ -235,12 +227,8 @@ def test_msd_pipeline_loads_in_a_fresh_process_with_diffusers_alone(msd_run, tmp
         torch.testing.assert_close(out.samples, torch.load({str(tmp_path / 'expected.pt')!r}),
                                    rtol=0, atol=1e-6)
         print(type(pipe).__name__, out.students)
-    """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1",
-                                                        "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "MSDPipeline [1, 0, 1, 0]"
+    """, cwd=tmp_path)
+    assert stdout.strip() == "MSDPipeline [1, 0, 1, 0]"
 
 
 def test_bad_msd_settings_are_one_line_errors(tmp_path):
@@ -253,3 +241,24 @@ def test_bad_msd_settings_are_one_line_errors(tmp_path):
     proc = run("train", "configs/msd/toy2d.yaml", f"output_dir={tmp_path}",
                "msd.partition=spectral", check=False)
     assert proc.returncode == 2 and "msd.partition: expected one of" in proc.stderr
+
+
+def test_prompt_students_route_by_the_pooled_text_embedding():
+    from diffusers import UNet2DConditionModel
+
+    from gendistill.pipelines import MSDPipeline, load_text_encoder
+    from gendistill.pipelines.text import MINILM
+
+    prompts = ["a low hum", "a bright bell", "rain on a roof", "a dog barking",
+               "a deep drone", "a short click", "birds at dawn", "a car horn"]
+    _states, pooled = load_text_encoder(MINILM)(prompts)
+    router = Router.for_prompts(pooled, 2)
+    nets = [build_network((1, 8, 8), cross_attention_dim=384, channels=(8, 16))
+            for _ in range(2)]
+    assert isinstance(nets[0], UNet2DConditionModel)
+    pipe = MSDPipeline(students=MSDStudents.from_networks(nets, router, 0.5, 80.0),
+                       text_encoder_name=MINILM)
+    out = pipe(prompt=prompts, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.students == router(pooled).tolist()
+    assert sorted(out.students) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert out.samples.shape == (8, 1, 8, 8)

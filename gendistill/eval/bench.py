@@ -74,7 +74,8 @@ TOY2D_ABLATION = {
 }
 
 def _msd_students(config: str, extra: list[str]) -> dict[str, Student]:
-    """The MSD rows of issue 8: equal steps and batch per student in every row."""
+    """The MSD rows of issue 8: equal steps and batch per student in every row (the config's
+    ``msd.tsm_steps`` and ``msd.gan_start`` place TSM and stage 2 inside them)."""
     return {"dmd2-k1": Student(config, ["msd.num_students=1", *extra]),
             "msd-k2": Student(config, ["msd.num_students=2", *extra]),
             "msd-k4": Student(config, ["msd.num_students=4", *extra]),
@@ -126,6 +127,25 @@ PRESETS = {
                                       for name in TOY2D_ABLATION],
         num_samples=4000, quick_num_samples=1000, quick_overrides=["train.max_steps=100"],
         timing_batch=256),
+    # Multi-student distillation (issue 8): every student gets the config's steps and batch;
+    # the narrow students spend the first steps on TSM, the adversarial ones the last quarter
+    # on stage 2.
+    "toy2d-msd": Preset(
+        dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
+        students=(TOY2D_MSD := _msd_students("configs/msd/toy2d.yaml", [])),
+        rows=_teacher_rows(18) + _msd_rows(TOY2D_MSD),
+        num_samples=4000, quick_num_samples=1000,
+        quick_overrides=["train.max_steps=100", "msd.num_pairs=256", "msd.tsm_steps=20",
+                         "msd.gan_start=75"],
+        timing_batch=256),
+    "digits-msd": Preset(
+        dataset="digits", teacher_config="configs/teacher/digits.yaml",
+        students=(DIGITS_MSD := _msd_students("configs/msd/digits.yaml", [])),
+        rows=_teacher_rows(18) + _msd_rows(DIGITS_MSD),
+        num_samples=1000, quick_num_samples=300,
+        quick_overrides=["train.max_steps=40", "msd.num_pairs=64", "msd.tsm_steps=10",
+                         "msd.gan_start=30"],
+        timing_batch=64),
     "synthsounds": Preset(
         dataset="synthsounds", teacher_config="configs/teacher/synthsounds.yaml",
         students={}, rows=_teacher_rows(18), num_samples=384, quick_num_samples=96,
@@ -196,6 +216,13 @@ def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> float:
     return 1000 * statistics.median(times) / len(conditions)
 
 
+def student_parameters(pipe) -> int:
+    """The size of the network one sample goes through (one student of an MSD pipeline)."""
+    net = pipe.network
+    one = net.networks[0] if hasattr(net, "networks") else net
+    return sum(p.numel() for p in one.parameters())
+
+
 def guidance_of(row: dict) -> float:
     return float(row["call"].get("guidance_scale", 1.0))
 
@@ -252,7 +279,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             ms = time_pipeline(pipe, timing_conditions, row.call, repeats)
         rows.append({
             "model": row.model, "method": row.method,
-            "params": sum(p.numel() for p in pipe.unet.parameters()),
+            "params": student_parameters(pipe),
             "nfe": int(round(result["nfe"])), "ms_per_sample": round(ms, 4),
             "speedup": None, "score_name": result["score_name"],
             "score": round(float(result["score"]), 5), "score_ratio": None,

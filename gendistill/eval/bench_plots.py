@@ -20,14 +20,69 @@ def row_samples(pipe, call: dict, dataset, per_condition: int):
 
 
 def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
-    plot_samples(preset.dataset, samples, out / "samples.png")
+    outputs = plot_samples(preset.dataset, samples, out / "samples.png")
     plot_score_vs_nfe(preset.dataset, rows, out / "score_vs_nfe.png")
+    teacher = next(name for name in outputs if name.startswith("teacher/heun"))
+    for name, output in outputs.items():
+        if output.students is not None and max(output.students) > 0:
+            plot_students(preset.dataset, outputs[teacher], output, name,
+                          out / f"students_{name.split('/')[0]}.png")
+
+
+def plot_students(dataset_name: str, teacher, msd, name: str, path: Path):
+    """Each class's teacher samples beside the MSD samples, the row named by the student that
+    made them (2-D points and images)."""
+    from ..data import load_dataset
+
+    test = load_dataset(dataset_name, "test")
+    labels = torch.tensor(msd.conditions)
+    student_of = dict(zip(msd.conditions, msd.students))
+    classes = test.class_names or [str(c) for c in range(test.num_classes)]
+    if test.kind == "vector":
+        fig, axes = plt.subplots(len(classes), 2, squeeze=False, figsize=(4.0, 2.0 * len(classes)))
+        for c, class_name in enumerate(classes):
+            mask = (labels == c).numpy()
+            for k, (title, output) in enumerate([("teacher (Heun)", teacher), (name, msd)]):
+                ax = axes[c][k]
+                pts = output.latents.numpy()[mask]
+                ax.scatter(pts[:, 0], pts[:, 1], s=0.5, color=plt.cm.tab10(student_of[c]))
+                ax.set_xlim(-1.8, 1.8)
+                ax.set_ylim(-1.8, 1.8)
+                ax.set_aspect("equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_title(title, fontsize=8)
+            axes[c][0].set_ylabel(f"{class_name}\nstudent {student_of[c]}", fontsize=8)
+    elif test.kind == "image":
+        fig, axes = plt.subplots(len(classes), 2, squeeze=False,
+                                 figsize=(5.0, 0.75 * len(classes) + 0.6))
+        for c, class_name in enumerate(classes):
+            mask = (labels == c).numpy()
+            for k, (title, output) in enumerate([("teacher (Heun)", teacher), (name, msd)]):
+                x = output.latents.float()[mask]
+                images = ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+                ax = axes[c][k]
+                ax.imshow(np.asarray(image_grid(images, rows=1, scale=1)), cmap="gray",
+                          vmin=0, vmax=255)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_title(title, fontsize=9)
+            axes[c][0].set_ylabel(f"{class_name}: student {student_of[c]}", fontsize=7,
+                                  rotation=0, ha="right", va="center")
+    else:
+        return
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_samples(dataset_name: str, samples: dict, path: Path):
     """Samples of every ``name: (pipe, call)`` side by side, the same conditions and seed for
     each: 2-D points one class per row beside the true distribution, images as class-by-row
-    grids, audio as spectrograms (one file per model, ``spectrograms_<name>.png``)."""
+    grids, audio as spectrograms (one file per model, ``spectrograms_<name>.png``). Returns
+    each name's pipeline output."""
     from ..data import load_dataset
 
     out = path.parent
@@ -79,6 +134,7 @@ def plot_samples(dataset_name: str, samples: dict, path: Path):
             save_spectrograms(out / f"spectrograms_{name.replace('/', '_')}.png",
                               result.latents.float().numpy(), [str(c)[:28] for c in
                                                                result.conditions])
+    return outputs
 
 
 def plot_score_vs_nfe(dataset_name: str, rows: list[dict], path: Path):

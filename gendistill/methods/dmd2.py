@@ -15,7 +15,9 @@ from the whole conditioning space). Stage 2 adds a classifier head on mu_fake's 
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -102,8 +104,6 @@ class FakeScore(nn.Module):
 def narrow_network(network: nn.Module, width: float) -> nn.Module:
     """A fresh network of the teacher's architecture with its channels (UNet) or hidden width
     (MLP) scaled by ``width`` (TSM students); 1.0 is a copy of the teacher."""
-    import copy
-
     if width == 1.0:
         return copy.deepcopy(network)
     config = dict(network.config)
@@ -143,7 +143,7 @@ def cached_pairs(path: Path, key: dict, make) -> dict:
     pairs = make()
     pairs["key"] = json.dumps(key, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{__import__('os').getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(pairs, tmp)
     tmp.replace(path)
     return pairs
@@ -163,8 +163,6 @@ class DMD2Training:
         self.model = narrow_network(teacher.net, m.student_width).requires_grad_(True)
         example = (pairs["x"][:2], torch.ones(2),
                    None if pairs["cond"] is None else pairs["cond"][:2])
-        import copy
-
         fake = FakeScore(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data,
                          teacher.sigma_min, teacher.sigma_max, head=m.adversarial,
                          example=example)
@@ -178,9 +176,15 @@ class DMD2Training:
         fake = self.auxiliary[0]  # DDP-wrapped on several GPUs
         return getattr(fake, "module", fake)
 
+    @property
+    def tsm_steps(self) -> int:
+        """TSM runs for narrow students only (a full-width one starts as the teacher)."""
+        m = self.cfg.msd
+        return m.tsm_steps if m.student_width < 1 else 0
+
     def stage(self, step: int) -> str:
         m = self.cfg.msd
-        if step < m.tsm_steps:
+        if step < self.tsm_steps:
             return "tsm"
         if m.adversarial and step >= m.gan_start:
             return "adversarial"
@@ -191,6 +195,10 @@ class DMD2Training:
         t = self.teacher
         return EDMDenoiser(self.model, sigma_data=t.sigma_data, sigma_min=t.sigma_min,
                            sigma_max=t.sigma_max)
+
+    def dm_sigmas(self, n: int, device) -> torch.Tensor:
+        low, high = self.cfg.msd.dm_range
+        return dm_sigmas(n, self.grid, low, high).to(device)
 
     def generate(self, noise, cond):
         return one_step(self.model, noise, cond, self.teacher.sigma_max, self.teacher.sigma_data)
@@ -206,10 +214,10 @@ class DMD2Training:
             loss = denoising_loss(self.student_denoiser(), x0, sigma, cond,
                                   target=self.teacher, sigma_data=self.teacher.sigma_data)
             return loss, {"tsm": loss.detach()}
-        if (step - m.tsm_steps) % m.gen_update_ratio != 0:
+        if (step - self.tsm_steps) % m.gen_update_ratio != 0:
             return None, {}  # the fake score steps alone
         x = self.generate(self.teacher.sigma_max * torch.randn_like(x0), cond)
-        sigma = dm_sigmas(n, self.grid.to(device))
+        sigma = self.dm_sigmas(n, device)
         loss_dm, _grad = distribution_matching_loss(x, self.teacher, self.fake.denoiser, sigma,
                                                     cond, m.guidance)
         loss, logs = loss_dm, {"dm": loss_dm.detach()}
@@ -223,7 +231,7 @@ class DMD2Training:
             logs["regression"] = loss_reg.detach()
         if stage == "adversarial":
             # the non-saturating generator loss through the head on mu_fake's bottleneck
-            logits = self.fake.logits(x, dm_sigmas(n, self.grid.to(device)), cond)
+            logits = self.fake.logits(x, self.dm_sigmas(n, device), cond)
             loss_gan = nn.functional.softplus(-logits).mean()
             loss = loss + m.gan_generator_weight * loss_gan
             logs["gan"] = loss_gan.detach()
@@ -242,12 +250,12 @@ class DMD2Training:
             with torch.no_grad():
                 x = self.generate(self.teacher.sigma_max * torch.randn_like(x0), cond)
         self.generated = None
-        sigma = dm_sigmas(x.shape[0], self.grid.to(x.device))
+        sigma = self.dm_sigmas(x.shape[0], x.device)
         loss = denoising_loss(fake.denoiser, x, sigma, cond,
                               sigma_data=self.teacher.sigma_data)
         logs = {"fake_dsm": loss.detach()}
         if stage == "adversarial":
-            real = fake.logits(x0, dm_sigmas(x.shape[0], self.grid.to(x.device)), cond)
+            real = fake.logits(x0, self.dm_sigmas(x.shape[0], x.device), cond)
             generated = fake.logits(x, sigma, cond)
             loss_head = (nn.functional.softplus(-real) + nn.functional.softplus(generated)).mean()
             loss = loss + self.cfg.msd.gan_head_weight * loss_head

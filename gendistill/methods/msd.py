@@ -60,6 +60,11 @@ def pooled_captions(captions: list[str]) -> torch.Tensor:
 def build_router(cfg: Config, ds: Dataset, teacher) -> Router:
     """The partition of ``ds``'s conditioning space among ``msd.num_students`` students."""
     m = cfg.msd
+    if (ds.conditioning == "text") != (m.partition == "balanced"):
+        raise ConfigError(f"msd.partition: {ds.conditioning}-conditional data ({ds.name}) is "
+                          f"split with " + ("partition=balanced" if ds.conditioning == "text"
+                                            else "contiguous, kmeans or random") +
+                          f", got {m.partition!r}")
     try:
         if ds.conditioning == "class":
             features = teacher_class_features(teacher, ds) if m.partition == "kmeans" else None
