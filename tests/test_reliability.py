@@ -166,23 +166,27 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     assert done.returncode == 0 and f"at step {step}" in done.stderr, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("config", ["teacher", "ctm"])
+@pytest.mark.parametrize("config", ["teacher", "ctm", "msd"])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, config):
     """A run killed with SIGKILL after a checkpoint and resumed ends with exactly the weights of
-    the uninterrupted run: model, EMA, target network, optimiser, LR schedule, RNG streams and
-    the data order are all restored."""
+    the uninterrupted run: model, EMA, target network (CTM), fake score and its head (MSD),
+    optimisers, LR schedule, RNG streams and the data order are all restored."""
     import signal
     import time
 
     from safetensors.torch import load_file
 
+    run_of = {"teacher": ".", "ctm": ".", "msd": "students/student-0"}[config]
     if config == "teacher":
         args = [*TINY]
     else:
         teacher = tmp_path / "teacher"
         assert train(teacher, "train.max_steps=2").returncode == 0
-        args = ["configs/ctm/toy2d.yaml", f"teacher={teacher}", "train.batch_size=32",
-                "ctm.num_grid=6", "ctm.gan_weight=0"]
+        args = (["configs/ctm/toy2d.yaml", "ctm.num_grid=6", "ctm.gan_weight=0"]
+                if config == "ctm" else
+                ["configs/msd/toy2d.yaml", "msd.num_students=1", "msd.num_pairs=32",
+                 "msd.pair_steps=4", "msd.adversarial=true", "msd.gan_start=8"])
+        args += [f"teacher={teacher}", "train.batch_size=32"]
     common = [*args, "train.max_steps=60", "train.checkpoint_every=5", "train.keep_checkpoints=0"]
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     cmd = [sys.executable, "-m", "gendistill", "train"]
@@ -194,7 +198,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, config):
     proc = subprocess.Popen([*cmd, *common, f"output_dir={killed}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-10" / "COMPLETE").is_file():
+    while not (killed / run_of / "checkpoints" / "step-10" / "COMPLETE").is_file():
         assert proc.poll() is None and time.time() < deadline, "finished before the kill"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

@@ -175,7 +175,8 @@ class CTMTraining:
         self.distill_guidance = c.guidance_max > 1.0
         self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
                                              embed_guidance=self.distill_guidance,
-                                             s_log_scale=c.s_log_scale)
+                                             s_log_scale=c.s_log_scale,
+                                             guidance_embed_scale=c.guidance_embed_scale)
         self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.train.lr)
         # theta-: the target network, its own EMA (the loop's EMA is what gets exported)

@@ -34,7 +34,8 @@ class CTMStudent(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, network_class: str, network_config: dict, sigma_data: float = SIGMA_DATA,
                  sigma_min: float = SIGMA_MIN, embed_guidance: bool = False,
-                 embedding_channels: int = 64, s_log_scale: float = 0.25):
+                 embedding_channels: int = 64, s_log_scale: float = 0.25,
+                 guidance_embed_scale: float = 1000.0):
         super().__init__()
         if network_class not in NETWORK_CLASSES:
             raise ValueError(f"unsupported student network {network_class!r} "
@@ -53,10 +54,12 @@ class CTMStudent(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_teacher(cls, network: nn.Module, sigma_data: float, sigma_min: float,
-                     embed_guidance: bool, s_log_scale: float = 0.25) -> "CTMStudent":
+                     embed_guidance: bool, s_log_scale: float = 0.25,
+                     guidance_embed_scale: float = 1000.0) -> "CTMStudent":
         """A student whose network starts as a copy of the teacher network's weights."""
         student = cls(type(network).__name__, dict(network.config), sigma_data, sigma_min,
-                      embed_guidance, s_log_scale=s_log_scale)
+                      embed_guidance, s_log_scale=s_log_scale,
+                      guidance_embed_scale=guidance_embed_scale)
         student.network.load_state_dict(network.state_dict())
         return student
 
@@ -76,7 +79,10 @@ class CTMStudent(ModelMixin, ConfigMixin):
         if self.has_guidance:
             w = torch.as_tensor(1.0 if guidance is None else guidance, device=s.device,
                                 dtype=s.dtype).expand(s.shape[0])
-            emb = emb + self.guidance_embedding(self.guidance_proj(1000 * w).to(self.dtype))
+            # LCM / SoundCTM embed 1000 omega; over omega in [1, 5] its fast sinusoids wrap
+            # around many times and the slow ones barely move
+            scaled = self.config.guidance_embed_scale * w
+            emb = emb + self.guidance_embedding(self.guidance_proj(scaled).to(self.dtype))
         return emb
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond=None,
