@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gendistill.config import Config, ConfigError, load_config, parse_overrides
@@ -20,7 +22,7 @@ def test_overrides_are_typed_and_nested():
     ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
     ("train.lr=fast", "train.lr: expected float"),
     ("train.resume=maybe", "train.resume: expected bool"),
-    ("method=gan", "method: expected one of teacher, ctm, got 'gan'"),
+    ("method=gan", "method: expected one of teacher, ctm, msd, got 'gan'"),
     ("train=3", "train: expected a mapping"),
     ("noequals", "not of the form key=value"),
 ])
@@ -43,3 +45,9 @@ def test_parse_overrides_yaml_values():
 def test_shipped_teacher_configs_load(name):
     cfg = load_config(f"configs/teacher/{name}.yaml")
     assert cfg.method == "teacher" and cfg.data.name == name
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").rglob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.method == path.split("/")[1]
