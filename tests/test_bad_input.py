@@ -55,7 +55,7 @@ CASES = [
     (T("data.kind=bogus"), "data.kind: expected one of None, vector, image, audio, got 'bogus'"),
     (T("data.name=mnist"), "data.name: expected one of toy2d, digits, synthsounds, npz"),
     (T("data.name=npz"), "data.path: data.name=npz needs data.path=FILE.npz"),
-    (T("method=gan"), "method: expected one of teacher, ctm, got 'gan'"),
+    (T("method=gan"), "method: expected one of teacher, ctm, msd, got 'gan'"),
     (T("seed=-1"), "seed: -1 is out of range"),
     (T("network.channels=[0,32]"), "network.channels[]: 0 is out of range"),
     (T("edm.sigma_min=0"), "edm.sigma_min: 0.0 is out of range (0, inf]"),
