@@ -239,7 +239,8 @@ RANGES = {
     "msd.student_width": (0, 1.0, True), "msd.tsm_steps": (0, INF, False),
     "msd.guidance": (1, 100, False), "msd.gen_update_ratio": (1, 1000, False),
     "msd.regression_weight": (0, INF, False), "msd.num_pairs": (1, 10 ** 7, False),
-    "msd.pair_steps": (1, 1000, False), "msd.dm_range[]": (0, 1.0, False), "msd.gan_start": (0, INF, False),
+    "msd.pair_steps": (1, 1000, False), "msd.dm_range[]": (0, 1.0, False),
+    "msd.gan_start": (0, INF, False),
     "msd.gan_generator_weight": (0, INF, False), "msd.gan_head_weight": (0, INF, False),
 }
 CHOICES = {

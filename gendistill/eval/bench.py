@@ -73,24 +73,24 @@ TOY2D_ABLATION = {
     "new-batch-64": ["train.batch_size=64"],
 }
 
-def _msd_students(config: str, extra: list[str]) -> dict[str, Student]:
-    """The MSD rows of issue 8: equal steps and batch per student in every row (the config's
-    ``msd.tsm_steps`` and ``msd.gan_start`` place TSM and stage 2 inside them)."""
-    return {"dmd2-k1": Student(config, ["msd.num_students=1", *extra]),
-            "msd-k2": Student(config, ["msd.num_students=2", *extra]),
-            "msd-k4": Student(config, ["msd.num_students=4", *extra]),
-            "msd-k4-w50": Student(config, ["msd.num_students=4", "msd.student_width=0.5",
-                                           *extra]),
-            "msd-k4-adv": Student(config, ["msd.num_students=4", "msd.adversarial=true",
-                                           *extra]),
-            "msd-k4-kmeans": Student(config, ["msd.num_students=4", "msd.partition=kmeans",
-                                              *extra]),
-            "msd-k4-random": Student(config, ["msd.num_students=4", "msd.partition=random",
-                                              *extra])}
-
-
-def _msd_rows(students: dict) -> list[Row]:
-    return [Row(name, "dmd2" if name == "dmd2-k1" else "msd", name, {}) for name in students]
+def _msd_preset(dataset: str, num_samples: int, quick_num_samples: int, quick: list[str],
+                timing_batch: int) -> Preset:
+    """The MSD rows of issue 8 on ``configs/msd/<dataset>.yaml``: equal steps and batch per
+    student in every row (the config's ``msd.tsm_steps`` and ``msd.gan_start`` place TSM and
+    stage 2 inside them)."""
+    variants = {"dmd2-k1": ["msd.num_students=1"], "msd-k2": ["msd.num_students=2"],
+                "msd-k4": [], "msd-k4-w50": ["msd.student_width=0.5"],
+                "msd-k4-adv": ["msd.adversarial=true"],
+                "msd-k4-kmeans": ["msd.partition=kmeans"],
+                "msd-k4-random": ["msd.partition=random"]}
+    config = f"configs/msd/{dataset}.yaml"
+    students = {name: Student(config, ["msd.num_students=4", *extra] if name.startswith("msd-k4")
+                              else extra) for name, extra in variants.items()}
+    rows = [Row(name, "dmd2" if name == "dmd2-k1" else "msd", name, {}) for name in variants]
+    return Preset(dataset=dataset, teacher_config=f"configs/teacher/{dataset}.yaml",
+                  students=students, rows=_teacher_rows(18) + rows, num_samples=num_samples,
+                  quick_num_samples=quick_num_samples, quick_overrides=quick,
+                  timing_batch=timing_batch)
 
 
 PRESETS = {
@@ -130,22 +130,10 @@ PRESETS = {
     # Multi-student distillation (issue 8): every student gets the config's steps and batch;
     # the narrow students spend the first steps on TSM, the adversarial ones the last quarter
     # on stage 2.
-    "toy2d-msd": Preset(
-        dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
-        students=(TOY2D_MSD := _msd_students("configs/msd/toy2d.yaml", [])),
-        rows=_teacher_rows(18) + _msd_rows(TOY2D_MSD),
-        num_samples=4000, quick_num_samples=1000,
-        quick_overrides=["train.max_steps=100", "msd.num_pairs=256", "msd.tsm_steps=20",
-                         "msd.gan_start=75"],
-        timing_batch=256),
-    "digits-msd": Preset(
-        dataset="digits", teacher_config="configs/teacher/digits.yaml",
-        students=(DIGITS_MSD := _msd_students("configs/msd/digits.yaml", [])),
-        rows=_teacher_rows(18) + _msd_rows(DIGITS_MSD),
-        num_samples=1000, quick_num_samples=300,
-        quick_overrides=["train.max_steps=40", "msd.num_pairs=64", "msd.tsm_steps=10",
-                         "msd.gan_start=30"],
-        timing_batch=64),
+    "toy2d-msd": _msd_preset("toy2d", 4000, 1000, ["train.max_steps=100", "msd.num_pairs=256",
+                                                   "msd.tsm_steps=20", "msd.gan_start=75"], 256),
+    "digits-msd": _msd_preset("digits", 1000, 300, ["train.max_steps=40", "msd.num_pairs=64",
+                                                    "msd.tsm_steps=10", "msd.gan_start=30"], 64),
     "synthsounds": Preset(
         dataset="synthsounds", teacher_config="configs/teacher/synthsounds.yaml",
         students={}, rows=_teacher_rows(18), num_samples=384, quick_num_samples=96,

@@ -29,6 +29,18 @@ def plot_bench(preset, samples: dict, rows: list[dict], out: Path):
                           out / f"students_{name.split('/')[0]}.png")
 
 
+def scatter_panel(ax, pts, colour: int, title: str | None):
+    """One class's 2-D points on the fixed [-1.8, 1.8]^2 square every panel shares."""
+    ax.scatter(pts[:, 0], pts[:, 1], s=0.5, color=plt.cm.tab10(colour))
+    ax.set_xlim(-1.8, 1.8)
+    ax.set_ylim(-1.8, 1.8)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=8)
+
+
 def plot_students(dataset_name: str, teacher, msd, name: str, path: Path):
     """Each class's teacher samples beside the MSD samples, the row named by the student that
     made them (2-D points and images)."""
@@ -39,20 +51,13 @@ def plot_students(dataset_name: str, teacher, msd, name: str, path: Path):
     student_of = dict(zip(msd.conditions, msd.students))
     classes = test.class_names or [str(c) for c in range(test.num_classes)]
     if test.kind == "vector":
-        fig, axes = plt.subplots(len(classes), 2, squeeze=False, figsize=(4.0, 2.0 * len(classes)))
+        fig, axes = plt.subplots(len(classes), 2, squeeze=False,
+                                 figsize=(4.0, 2.0 * len(classes)))
         for c, class_name in enumerate(classes):
             mask = (labels == c).numpy()
             for k, (title, output) in enumerate([("teacher (Heun)", teacher), (name, msd)]):
-                ax = axes[c][k]
-                pts = output.latents.numpy()[mask]
-                ax.scatter(pts[:, 0], pts[:, 1], s=0.5, color=plt.cm.tab10(student_of[c]))
-                ax.set_xlim(-1.8, 1.8)
-                ax.set_ylim(-1.8, 1.8)
-                ax.set_aspect("equal")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.set_title(title, fontsize=8)
+                scatter_panel(axes[c][k], output.latents.numpy()[mask], student_of[c],
+                              title if c == 0 else None)
             axes[c][0].set_ylabel(f"{class_name}\nstudent {student_of[c]}", fontsize=8)
     elif test.kind == "image":
         fig, axes = plt.subplots(len(classes), 2, squeeze=False,
@@ -102,17 +107,9 @@ def plot_samples(dataset_name: str, samples: dict, path: Path):
         for c, class_name in enumerate(classes):
             mask = (labels == c).numpy()
             for k, (title, pts) in enumerate(panels):
-                ax = axes[c][k]
-                ax.scatter(pts[mask, 0], pts[mask, 1], s=0.5, color=plt.cm.tab10(c))
-                ax.set_xlim(-1.8, 1.8)
-                ax.set_ylim(-1.8, 1.8)
-                ax.set_aspect("equal")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.set_title(title, fontsize=8)
+                scatter_panel(axes[c][k], pts[mask], c, title if c == 0 else None)
                 if k == 0:
-                    ax.set_ylabel(class_name, fontsize=8)
+                    axes[c][k].set_ylabel(class_name, fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

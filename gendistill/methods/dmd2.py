@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..diffusion import (SIGMA_DATA, Denoiser, EDMDenoiser, append_dims, append_zero, bottleneck_module,
-                         cfg_denoise, edm_loss_weight, full_precision, karras_sigmas,
-                         sample_heun, sample_lognormal, tap_features)
+from ..diffusion import (SIGMA_DATA, Denoiser, EDMDenoiser, append_dims, append_zero,
+                         bottleneck_module, cfg_denoise, edm_loss_weight, full_precision,
+                         karras_sigmas, sample_heun, sample_lognormal, tap_features)
 from ..models.discriminator import FeatureDiscriminator
 from ..models.msd import one_step
 from ..models.networks import MLPNet
