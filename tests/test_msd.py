@@ -262,3 +262,12 @@ def test_prompt_students_route_by_the_pooled_text_embedding():
     assert out.students == router(pooled).tolist()
     assert sorted(out.students) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert out.samples.shape == (8, 1, 8, 8)
+
+
+def test_resume_continues_unfinished_students_and_starts_the_rest(tmp_path):
+    args = ["train", "configs/msd/toy2d.yaml", f"output_dir={tmp_path}", *TINY]
+    run(*args, "msd.student=0", "train.checkpoint_every=6", "train.max_steps=7")
+    proc = run("-v", *args, "train.checkpoint_every=6", "train.resume=true")
+    assert "resumed from" in proc.stderr                      # student 0, from its step 6
+    assert (tmp_path / "students" / "student-1" / "model").is_dir()  # student 1, afresh
+    assert (tmp_path / "model" / "model_index.json").is_file()

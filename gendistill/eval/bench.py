@@ -161,7 +161,7 @@ def config_hash(cfg) -> str:
 def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, log) -> Path:
     """Train once per resolved config; later runs with the same config reuse the folder."""
     from ..train import run_training
-    from ..training import latest_checkpoint
+    from ..training.loop import checkpoints
 
     cfg = load_config(REPO_ROOT / config, overrides)
     folder = cache_dir / f"{name}-{config_hash(cfg)}"
@@ -170,8 +170,9 @@ def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, 
         log(f"{name}: reusing {model}")
         return model
     cfg.output_dir = str(folder)
-    # an interrupted training of this config picks up from its last checkpoint
-    cfg.train.resume = latest_checkpoint(folder) is not None
+    # an interrupted training of this config picks up from its last checkpoint (an MSD run's
+    # are in its students' folders)
+    cfg.train.resume = any(checkpoints(run.parent) for run in folder.rglob("checkpoints"))
     log(f"{name}: {'resuming' if cfg.train.resume else 'training'} {config} "
         f"{' '.join(overrides)} -> {model}")
     return run_training(cfg)

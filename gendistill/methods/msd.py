@@ -127,15 +127,17 @@ def student_config(cfg: Config, k: int) -> Config:
 
 
 def student_done(part: Config) -> bool:
-    """True when the part's model is saved under this very config (an older run of another
-    config is an error, unless train.overwrite)."""
+    """True when the part's model is saved under this very config after ``train.max_steps``
+    (an older run of another config is an error, unless train.overwrite)."""
     from ..training.loop import check_resumable
 
     folder = Path(part.output_dir)
     if not (folder / "model" / "config.json").is_file() or part.train.overwrite:
         return False
     check_resumable(folder, part)
-    return True
+    timing = folder / "train_time.json"
+    steps = json.loads(timing.read_text())["steps"] if timing.is_file() else 0
+    return steps >= part.train.max_steps
 
 
 def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: Dataset, cond,
@@ -143,10 +145,13 @@ def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: 
     from accelerate.utils import set_seed
 
     from ..train import data_loader
-    from ..training import train
+    from ..training import latest_checkpoint, train
     from .dmd2 import DMD2Training
 
     part = student_config(cfg, k)
+    # train.resume continues every unfinished student from its newest checkpoint; a student
+    # that has none yet starts afresh
+    part.train.resume = cfg.train.resume and latest_checkpoint(Path(part.output_dir)) is not None
     if student_done(part):
         log.info("student %d: done (%s)", k, Path(part.output_dir) / "model")
         return Path(part.output_dir) / "model"
