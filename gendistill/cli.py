@@ -114,6 +114,55 @@ def add_sampling_flags(p: argparse.ArgumentParser):
                    help="CTM nu-interpolation between unconditional (0) and conditional (1)")
 
 
+def read_array(flag: str, path: str):
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag}: cannot read {path} as a .npy array ({e})") from None
+    if not np.issubdtype(array.dtype, np.number):
+        raise UsageError(f"{flag}: {path} holds {array.dtype}, not numbers")
+    return array
+
+
+def mask_from_flag(spec: str, pipe):
+    """--mask: a .npy (n_mels, frames) array in [0, 1], or LO:HI, the mel bins to mark (all
+    frames)."""
+    import torch
+
+    if spec.endswith(".npy"):
+        return torch.as_tensor(read_array("--mask", spec), dtype=torch.float)
+    n_mels, frames = pipe.vocoder.config.n_mels, pipe.vocoder.num_frames
+    try:
+        low, high = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise UsageError(f"--mask: give FILE.npy or LO:HI mel bins, got {spec!r}") from None
+    if not 0 <= low < high <= n_mels:
+        raise UsageError(f"--mask: mel bins {low}:{high} are outside 0:{n_mels}")
+    mask = torch.zeros(n_mels, frames)
+    mask[low:high] = 1
+    return mask
+
+
+def control_from_args(pipe, args):
+    """A control object from --loudness / --mask (None without them)."""
+    from .pipelines.control import LoudnessControl, SpectralMaskControl
+
+    if args.loudness is None and args.mask is None:
+        return None
+    flag = "--loudness" if args.loudness is not None else "--mask"
+    if getattr(pipe, "vocoder", None) is None or "control" not in \
+            inspect.signature(type(pipe).__call__).parameters:
+        raise UsageError(f"{flag}: training-free control needs an audio CTM student")
+    check_flag("--control-steps", args.control_steps, 1, 10_000)
+    common = dict(method=args.control_method, steps=args.control_steps)
+    if args.loudness is not None:
+        return LoudnessControl(target=read_array(flag, args.loudness), **common)
+    return SpectralMaskControl(mask=mask_from_flag(args.mask, pipe), keep=args.mask_keep,
+                               **common)
+
+
 def cmd_generate(args) -> int:
     from .generate import sample, write_samples
 
@@ -121,12 +170,22 @@ def cmd_generate(args) -> int:
     pipe = _load_model(args.model_dir)
     kwargs = sampling_kwargs(pipe, args)
     check_condition_flags(pipe, args)
+    if args.negative_prompt is not None:
+        if "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
+            raise UsageError(f"--negative-prompt does not apply to {type(pipe).__name__} models")
+        kwargs["negative_prompt"] = args.negative_prompt
+    control = control_from_args(pipe, args)
+    if control is not None:
+        kwargs["control"] = control
     classes = [args.class_label] if args.class_label is not None else None
     prompts = [args.prompt] if args.prompt is not None else None
     output = sample(pipe, classes, prompts, args.num_samples, args.seed, **kwargs)
     rows = 1 if classes or prompts else max(1, len(output.conditions) // args.num_samples)
     for path in write_samples(pipe, output, args.out, rows=rows):
         print(f"wrote {path}")
+    if control is not None:
+        error = control.error(pipe.vocoder(output.latents.float()), pipe.vocoder)
+        print("control: " + ", ".join(f"{k} {v:.4g}" for k, v in error.items()))
     if output.students is not None:  # MSD: which student answered each condition
         answered = dict(zip(output.conditions, output.students))
         print("; ".join(f"{c!r}: student {k}" for c, k in answered.items()))
@@ -221,6 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=8, metavar="N",
                    help="samples per condition (default 8)")
     add_sampling_flags(g)
+    g.add_argument("--negative-prompt", metavar="TEXT", help="CTM students: nu interpolates "
+                   "from this prompt instead of the empty one (needs --nu other than 1)")
+    ctrl = g.add_argument_group("training-free control (audio CTM students)")
+    steer = ctrl.add_mutually_exclusive_group()
+    steer.add_argument("--loudness", metavar="FILE.npy", help="target RMS envelope, one value "
+                       "per frame (resampled to the output's frames)")
+    steer.add_argument("--mask", metavar="FILE.npy|LO:HI", help="spectral mask: an (n_mels, "
+                       "frames) array in [0, 1], or the mel bins LO:HI over all frames")
+    ctrl.add_argument("--mask-keep", choices=["inside", "outside"], default="inside",
+                      help="keep the energy inside the mask (default) or out of it")
+    ctrl.add_argument("--control-method", choices=["noise", "guided"], default="noise",
+                      help="noise: optimise the initial noise through the 1-step student "
+                      "(default); guided: loss-guided gamma-sampling (needs --steps >= 2)")
+    ctrl.add_argument("--control-steps", type=int, default=20, metavar="N",
+                      help="gradient steps of the control (default 20)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, metavar="PATH", help="output .png, .wav or .npz")
     g.set_defaults(func=cmd_generate)

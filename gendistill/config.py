@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "digits"
-    path: str | None = None        # the .npz file when name is npz
+    path: str | None = None        # the .npz file (name npz) or the folder (name audiofolder)
     kind: str | None = None        # npz only: vector, image or audio (inferred when unset)
 
 
@@ -244,7 +244,7 @@ RANGES = {
     "msd.gan_generator_weight": (0, INF, False), "msd.gan_head_weight": (0, INF, False),
 }
 CHOICES = {
-    "method": METHODS, "data.name": ("toy2d", "digits", "synthsounds", "npz"),
+    "method": METHODS, "data.name": ("toy2d", "digits", "synthsounds", "npz", "audiofolder"),
     "data.kind": (None, "vector", "image", "audio"),
     "train.mixed_precision": ("no", "fp16", "bf16"), "ctm.match_point": ("zs", "z0"),
     "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),
@@ -295,6 +295,8 @@ def validate(cfg: Config) -> Config:
                           f"train.max_steps ({cfg.train.max_steps})")
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.path: data.name=npz needs data.path=FILE.npz")
+    if cfg.data.name == "audiofolder" and not cfg.data.path:
+        raise ConfigError("data.path: data.name=audiofolder needs data.path=DIR")
     return cfg
 
 

@@ -48,14 +48,24 @@ def save_scatter(path: Path, points: np.ndarray, labels=None, class_names=None,
     plt.close(fig)
 
 
-def save_spectrograms(path: Path, features: np.ndarray, titles: list[str]):
-    """(N, 1, mels, frames) normalised log-mels as a row of images."""
-    n = len(features)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6), squeeze=False)
-    for ax, feat, title in zip(axes[0], features, titles):
-        ax.imshow(feat[0], origin="lower", aspect="auto", cmap="magma", vmin=-1, vmax=1)
-        ax.set_title(title, fontsize=7)
-        ax.axis("off")
+def save_spectrograms(path: Path, features, titles: list[str]):
+    """(N, 1, mels, frames) normalised log-mels as a row of images titled ``titles``, or a
+    sheet of such rows, ``{row name: (N, 1, mels, frames)}`` (the same N conditions in each
+    column, e.g. teacher and student on the same prompts)."""
+    rows = features if isinstance(features, dict) else {"": features}
+    n = len(titles)
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.2 * n, 2.4 * len(rows) + 0.2),
+                             squeeze=False)
+    for r, (name, feats) in enumerate(rows.items()):
+        for c, (feat, title) in enumerate(zip(feats, titles)):
+            ax = axes[r][c]
+            ax.imshow(feat[0], origin="lower", aspect="auto", cmap="magma", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+            if c == 0 and name:
+                ax.set_ylabel(name, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

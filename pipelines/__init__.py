@@ -6,14 +6,15 @@ import gendistill.models.msd  # noqa: F401
 import gendistill.models.student  # noqa: F401
 from .audio import MelVocoder
 from .base import ConditionalPipeline, SamplesOutput
-from .ctm import CTMPipeline, CTMScheduler
+from .control import LoudnessControl, SpectralMaskControl
+from .ctm import CTMPipeline, CTMScheduler, SoundCTMPipeline
 from .msd import MSDPipeline
 from .teacher import TeacherPipeline
 from .text import TextEncoder, load_text_encoder
 
-__all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "MSDPipeline", "MelVocoder",
-           "SamplesOutput", "TeacherPipeline", "TextEncoder", "load_pipeline", "load_text_encoder",
-           "model_folder"]
+__all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "LoudnessControl",
+           "MSDPipeline", "MelVocoder", "SamplesOutput", "SoundCTMPipeline", "SpectralMaskControl",
+           "TeacherPipeline", "TextEncoder", "load_pipeline", "load_text_encoder", "model_folder"]
 
 
 def load_pipeline(path, **kwargs):
@@ -33,7 +34,8 @@ def load_pipeline(path, **kwargs):
         raise ValueError(f"{index}: no _class_name (which pipeline the folder holds)")
     if isinstance(name, list):  # saved with import shims: [module, class]
         name = name[1]
-    classes = {cls.__name__: cls for cls in (TeacherPipeline, CTMPipeline, MSDPipeline)}
+    classes = {cls.__name__: cls for cls in (TeacherPipeline, CTMPipeline, SoundCTMPipeline,
+                                             MSDPipeline)}
     if name in classes:
         return classes[name].from_pretrained(path, **kwargs)
     from diffusers import DiffusionPipeline

@@ -12,15 +12,21 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 
 class MelVocoder(ModelMixin, ConfigMixin):
-    """waveform <-> normalised log-mel in [-1, 1]; inversion by least squares + Griffin-Lim.
+    """waveform <-> normalised log-mel in [-1, 1]; inversion by non-negative least squares +
+    Griffin-Lim.
 
     The default 15,872 samples at 16 kHz (~1 s) give 32 frames, a size UNets halve cleanly.
+    The mel inversion matters more than the phase retrieval: torchaudio's ``InverseMelScale``
+    (minimum-norm least squares, negatives clipped) put the domain FAD of vocoded real test
+    audio at 30.8 with 64 Griffin-Lim iterations; non-negative least squares (30 multiplicative
+    updates) and 16 iterations give 7.1 at a quarter of the time (README, Text to sound).
     """
 
     @register_to_config
     def __init__(self, sample_rate: int = 16000, n_fft: int = 1024, hop_length: int = 512,
                  n_mels: int = 32, num_samples: int = 15872, log_min: float = -9.0,
-                 log_max: float = 5.5, griffin_lim_iters: int = 64):
+                 log_max: float = 5.5, griffin_lim_iters: int = 16,
+                 mel_inversion_iters: int = 30):
         super().__init__()
         self.mel_spectrogram = torchaudio.transforms.MelSpectrogram(
             sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, power=1.0)
@@ -40,11 +46,41 @@ class MelVocoder(ModelMixin, ConfigMixin):
         scaled = 2 * (log_mel - self.config.log_min) / (self.config.log_max - self.config.log_min)
         return (scaled - 1).unsqueeze(1)
 
+    def mel(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n_mels, frames) normalised log-mel -> (B, n_mels, frames) mel magnitudes
+        (differentiable: training-free control computes its losses on them)."""
+        cfg = self.config
+        log_mel = (features.squeeze(1).float().clamp(-1, 1) + 1) / 2 * (cfg.log_max - cfg.log_min)
+        return (log_mel + cfg.log_min).exp()
+
+    def linear_magnitude(self, features: torch.Tensor) -> torch.Tensor:
+        """The STFT magnitudes |X| (B, n_fft // 2 + 1, frames) the vocoder starts from: a
+        non-negative solution of mel = fb^T |X| by multiplicative updates (Lee & Seung's, for
+        the KL divergence) from the clipped minimum-norm solution. Differentiable: the
+        loudness control's loss goes through it."""
+        mel = self.mel(features)
+        fb = self.inverse_mel.fb.to(mel.device)  # (freqs, n_mels)
+        magnitude = (torch.linalg.pinv(fb.T) @ mel).clamp_min(0) + 1e-6 * mel.mean()
+        norm = fb.sum(1, keepdim=True).clamp_min(1e-12)
+        for _ in range(self.config.mel_inversion_iters):
+            magnitude = magnitude * (fb @ (mel / (fb.T @ magnitude).clamp_min(1e-12))) / norm
+        return magnitude
+
+    def frame_rms(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Window-weighted RMS of each STFT frame from its one-sided magnitudes (Parseval):
+        sum_n (w x)^2 = (|X_0|^2 + 2 sum_k |X_k|^2 + |X_N/2|^2) / N, divided by sum_n w^2."""
+        n_fft = self.config.n_fft
+        power = magnitude.float() ** 2
+        energy = (2 * power.sum(-2) - power[..., 0, :] - power[..., -1, :]) / n_fft
+        window = self.mel_spectrogram.spectrogram.window
+        return (energy / (window ** 2).sum()).clamp_min(0).sqrt()
+
+    def loudness(self, wave: torch.Tensor) -> torch.Tensor:
+        """(B, T) waveforms -> (B, frames) RMS per STFT frame (the frames of the log-mels)."""
+        return self.frame_rms(self.mel_spectrogram.spectrogram(wave.float()))
+
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, 1, n_mels, frames) normalised log-mel -> (B, T) waveforms."""
-        cfg = self.config
-        log_mel = (features.squeeze(1).float().clamp(-1, 1) + 1) / 2 * (cfg.log_max - cfg.log_min)
-        mel = (log_mel + cfg.log_min).exp()
-        wave = self.griffin_lim(self.inverse_mel(mel.cpu()).clamp_min(0))
-        return wave[..., :cfg.num_samples]
+        wave = self.griffin_lim(self.linear_magnitude(features.cpu()))
+        return wave[..., :self.config.num_samples]

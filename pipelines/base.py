@@ -15,8 +15,9 @@ from .text import load_text_encoder
 class SamplesOutput(BaseOutput):
     """``samples``: images (PIL list / array / tensor), waveforms (with ``sample_rate``) or vectors.
 
-    ``latents`` are the raw model-space samples; ``conditions`` the class label or prompt of each;
-    ``students`` (MSD) the index of the student that made each.
+    The same samples are also ``images`` (image pipelines) or ``audios`` (audio pipelines), the
+    names diffusers users know. ``latents`` are the raw model-space samples; ``conditions`` the
+    class label or prompt of each; ``students`` (MSD) the index of the student that made each.
     """
 
     samples: object
@@ -24,6 +25,8 @@ class SamplesOutput(BaseOutput):
     conditions: list
     sample_rate: int | None = None
     students: list | None = None
+    images: object = None
+    audios: object = None
 
 
 def base_config(net):
@@ -136,14 +139,15 @@ class ConditionalPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         vocoder = getattr(self, "vocoder", None)
-        sample_rate = None
+        sample_rate, kind = None, None
         if output_type == "latent" or x.ndim == 2:
             samples = x if output_type in ("pt", "latent") else x.float().cpu().numpy()
         elif vocoder is not None:
             waves = vocoder(x.float())
-            sample_rate = vocoder.config.sample_rate
+            sample_rate, kind = vocoder.config.sample_rate, "audios"
             samples = waves if output_type == "pt" else waves.cpu().numpy()
         else:
+            kind = "images"
             images = ((x.float() + 1) / 2).clamp(0, 1)
             if output_type == "pt":
                 samples = images
@@ -152,7 +156,8 @@ class ConditionalPipeline(DiffusionPipeline):
                 samples = arr if output_type == "np" else self.numpy_to_pil(arr)
         if not return_dict:
             return (samples,)
+        named = {kind: samples} if kind else {}
         return SamplesOutput(samples=samples, latents=x, conditions=conditions,
-                             sample_rate=sample_rate, students=students)
+                             sample_rate=sample_rate, students=students, **named)
 
 

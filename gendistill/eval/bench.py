@@ -32,6 +32,7 @@ class Row:
     method: str
     source: str                     # "teacher" or a key of Preset.students
     call: dict
+    control: str | None = None      # a key of CONTROLS: training-free control of audio
 
 
 @dataclass
@@ -50,6 +51,41 @@ class Preset:
 def _teacher_rows(steps: int) -> list[Row]:
     return [Row("teacher", "heun", "teacher", {"num_inference_steps": steps, "sampler": "heun"}),
             Row("teacher", "euler-1", "teacher", {"num_inference_steps": 1, "sampler": "euler"})]
+
+
+def _soundctm_rows() -> list[Row]:
+    """Issue 9's rows: steps, the nu and omega sweeps, l2, control; omega 3.5 (the pipeline's
+    default) unless the row sweeps it, read against the teacher at the same omega."""
+    w = {"guidance_scale": 3.5}
+    one = {"num_inference_steps": 1, **w}
+    return [Row("soundctm-1", "soundctm", "ctm", one),
+            Row("soundctm-2", "soundctm", "ctm", {"num_inference_steps": 2, "gamma": 0.0, **w}),
+            Row("soundctm-4-g0.5", "soundctm", "ctm",
+                {"num_inference_steps": 4, "gamma": 0.5, **w}),
+            Row("soundctm-1-nu0.5", "soundctm", "ctm", {**one, "nu": 0.5}),
+            Row("soundctm-1-nu2", "soundctm", "ctm", {**one, "nu": 2.0}),
+            Row("soundctm-1-w2", "soundctm", "ctm", {**one, "guidance_scale": 2.0}),
+            Row("soundctm-1-w5", "soundctm", "ctm", {**one, "guidance_scale": 5.0}),
+            Row("soundctm-1-l2", "soundctm", "ctm-l2", one),
+            Row("soundctm-control-noiseopt", "soundctm", "ctm", one, control="loudness-noise"),
+            Row("soundctm-control-guided", "soundctm", "ctm",
+                {"num_inference_steps": 4, "gamma": 1.0, **w}, control="loudness-guided")]
+
+
+def swell_envelope(frames: int) -> torch.Tensor:
+    """The bench's loudness target: a swell from -40 dB to -12 dB at the middle and back, an
+    envelope none of the dataset's sounds has."""
+    db = -40 + 28 * (1 - (torch.linspace(-1, 1, frames)).abs())
+    return 10 ** (db / 20)
+
+
+def make_control(name: str, vocoder):
+    from ..pipelines.control import LoudnessControl
+
+    target, method = name.split("-")
+    if target != "loudness":
+        raise ValueError(f"unknown bench control {name!r}")
+    return LoudnessControl(target=swell_envelope(vocoder.num_frames), method=method)
 
 
 def _ctm_rows() -> list[Row]:
@@ -134,13 +170,17 @@ PRESETS = {
                                                    "msd.tsm_steps=20", "msd.gan_start=75"], 256),
     "digits-msd": _msd_preset("digits", 1000, 300, ["train.max_steps=40", "msd.num_pairs=64",
                                                     "msd.tsm_steps=10", "msd.gan_start=30"], 64),
+    # SoundCTM text-to-sound (issue 9): the shipped teacher, CFG-distilled students
     "synthsounds": Preset(
         dataset="synthsounds", teacher_config="configs/teacher/synthsounds.yaml",
-        students={}, rows=_teacher_rows(18), num_samples=384, quick_num_samples=96,
-        quick_overrides=["train.max_steps=100", "train.batch_size=16"],
-        # the config's 8,000 steps take ~3.7 h on 2 CPU cores (1.65 s/step at batch 64);
-        # the benchmark's teacher is capped to fit its hour
-        full_overrides=["train.max_steps=2500", "train.batch_size=32"], timing_batch=16),
+        students={"ctm": Student("configs/ctm/synthsounds.yaml"),
+                  "ctm-l2": Student("configs/ctm/synthsounds.yaml", ["ctm.distance=l2"])},
+        rows=_teacher_rows(18) + [
+            Row("teacher", "heun-w3.5", "teacher",
+                {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.5})]
+        + _soundctm_rows(), num_samples=384, quick_num_samples=96,
+        quick_overrides=["train.max_steps=20", "train.batch_size=8", "ctm.num_grid=6"],
+        timing_batch=16),
 }
 
 
@@ -190,19 +230,74 @@ def teacher_folder(preset: Preset, quick: bool, cache_dir: Path, log) -> Path:
     return train_cached("teacher", preset.teacher_config, extra, cache_dir, log)
 
 
-def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> float:
-    """Median milliseconds per sample of one pipeline call on a batch of ``conditions``."""
+def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> tuple[float, float]:
+    """Median milliseconds per sample of one pipeline call on a batch of ``conditions``:
+    (end to end, the model alone). End to end adds the vocoder of audio pipelines, timed on
+    the call's own output."""
     from ..generate import sample
 
     text = isinstance(conditions[0], str)
     args = (None, conditions) if text else (conditions, None)
     sample(pipe, *args, 1, 0, **call)  # warm-up
-    times = []
+    vocoder = getattr(pipe, "vocoder", None)
+    model, total = [], []
     for r in range(repeats):
         start = time.perf_counter()
-        sample(pipe, *args, 1, r, **call)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times) / len(conditions)
+        output = sample(pipe, *args, 1, r, **call)
+        model.append(time.perf_counter() - start)
+        if vocoder is not None:
+            vocoder(output.latents)
+        total.append(time.perf_counter() - start)
+    per_sample = 1000 / len(conditions)
+    return per_sample * statistics.median(total), per_sample * statistics.median(model)
+
+
+VOCODERS = {"before (least squares, 64 Griffin-Lim)": {"griffin_lim_iters": 64,
+                                                       "mel_inversion_iters": 0},
+            "default (NNLS 30, 16 Griffin-Lim)": {}}
+
+
+def vocoder_report(test, batch: int, repeats: int) -> list[dict]:
+    """The vocoder alone: domain FAD of the vocoded real test split (re-encoded) against the
+    test split itself, and milliseconds per clip at ``batch``."""
+    from ..pipelines.audio import MelVocoder
+    from .evaluate import _domain_embedding
+    from .fad import fad
+
+    report = []
+    for name, settings in VOCODERS.items():
+        vocoder = MelVocoder(**{**(test.vocoder or {}), **settings})
+        torch.manual_seed(0)
+        vocoded = vocoder.encode(torch.cat([vocoder(x) for x in test.x.split(64)]))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            vocoder(test.x[:batch])
+            times.append(time.perf_counter() - start)
+        report.append({"vocoder": name, **dict(vocoder.config),
+                       "fad_vocoded_real": round(float(fad(test.x, vocoded,
+                                                           _domain_embedding())), 4),
+                       "ms_per_clip": round(1000 * statistics.median(times) / batch, 3)})
+    return report
+
+
+def control_errors(pipe, prompts: list, row: Row, control) -> dict:
+    """The control error of a control row's samples and of the same prompts and seed without
+    control, and the network calls per sample each costs."""
+    from ..diffusion import NFECounter
+    from ..generate import sample
+
+    result = {}
+    for key, extra in (("uncontrolled", {}), ("controlled", {"control": control})):
+        call = {**row.call, **extra}
+        if not extra and call.get("num_inference_steps", 1) > 1:
+            call["num_inference_steps"] = 1  # what the control starts from: a 1-step sample
+        with NFECounter(pipe.network) as counter:
+            output = sample(pipe, None, prompts, 1, 0, **call)
+        errors = control.error(pipe.vocoder(output.latents), pipe.vocoder)
+        result[key] = {**{k: round(v, 4) for k, v in errors.items()},
+                       "network_calls_per_sample": round(counter.rows / len(prompts), 2)}
+    return result
 
 
 def student_parameters(pipe) -> int:
@@ -261,23 +356,32 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             pipes[row.source] = load_pipeline(folders[row.source])
             pipes[row.source].set_progress_bar_config(disable=True)
         pipe = pipes[row.source]
+        call = dict(row.call)
+        if row.control is not None:
+            call["control"] = make_control(row.control, pipe.vocoder)
         log(f"{row.model} ({row.method}): evaluating {num_samples} samples")
         with torch.no_grad():
             result = evaluate_pipeline(pipe, preset.dataset, num_samples, seed=0,
-                                       progress=False, **row.call)
-            ms = time_pipeline(pipe, timing_conditions, row.call, repeats)
+                                       progress=False, **call)
+            ms, ms_model = time_pipeline(pipe, timing_conditions, call, repeats)
+        extra = {}
+        if row.control is not None:
+            extra["control"] = row.control
+            extra["control_error"] = control_errors(pipe, timing_conditions, row,
+                                                    call["control"])
         rows.append({
             "model": row.model, "method": row.method,
             "params": student_parameters(pipe),
             "nfe": int(round(result["nfe"])), "ms_per_sample": round(ms, 4),
+            "ms_per_sample_model": round(ms_model, 4),
             "speedup": None, "score_name": result["score_name"],
             "score": round(float(result["score"]), 5), "score_ratio": None,
             "cond_acc": None if result["cond_acc"] is None else round(result["cond_acc"], 4),
             "precision": round(result["precision"], 4), "recall": round(result["recall"], 4),
             "call": row.call, "score_floor": result.get("score_floor"),
-            **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}),
+            **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}), **extra,
         })
-        samples[f"{row.model}/{row.method}"] = (pipe, row.call)
+        samples[f"{row.model}/{row.method}"] = (pipe, call)
     for r in rows:
         base = teacher_row_for(rows, r)
         r["speedup"] = round(base["ms_per_sample"] / r["ms_per_sample"], 2)
@@ -293,6 +397,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         "models": {k: str(v) for k, v in folders.items()},
         "rows": rows, "seconds": round(time.time() - start, 1),
     }
+    if test.kind == "audio":
+        results["vocoder"] = vocoder_report(test, preset.timing_batch, repeats)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     from .bench_plots import plot_bench
@@ -300,6 +406,10 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
     plot_bench(preset, samples, rows, out)
     log(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['seconds']}s)")
     return results
+
+
+def _errors_text(errors: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in errors.items() if k != "network_calls_per_sample")
 
 
 def results_markdown(results: dict) -> str:
@@ -329,6 +439,34 @@ def results_markdown(results: dict) -> str:
                      f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}× | {r['score']:.4g} | "
                      f"{r['score_ratio']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{acc} |" + (f" {r['sw2']:.4g} |" if has_sw2 else ""))
+    if any(r.get("ms_per_sample_model", r["ms_per_sample"]) != r["ms_per_sample"] for r in rows):
+        lines[2] += (" For audio, ms/sample and speedup are end to end (the vocoder included); "
+                     "`ms_per_sample_model` in results.json leaves the vocoder out.")
+        lines += ["", "| model | method | ms/sample (model) | ms/sample (vocoder) | speedup (model) |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for r in rows:
+            base = teacher_row_for(rows, r)
+            lines.append(f"| {r['model']} | {r['method']} | {r['ms_per_sample_model']:.3f} | "
+                         f"{r['ms_per_sample'] - r['ms_per_sample_model']:.3f} | "
+                         f"{base['ms_per_sample_model'] / r['ms_per_sample_model']:.1f}× |")
+    controlled = [r for r in rows if r.get("control_error")]
+    if controlled:
+        lines += ["", "Training-free control (same prompts and seed, without and with control; "
+                  "errors measured on the vocoded audio):", "",
+                  "| model | control | error without | error with | network calls per sample |",
+                  "| --- | --- | --- | --- | ---: |"]
+        for r in controlled:
+            err = r["control_error"]
+            lines.append(f"| {r['model']} | {r['control']} | {_errors_text(err['uncontrolled'])} "
+                         f"| {_errors_text(err['controlled'])} | "
+                         f"{err['controlled']['network_calls_per_sample']:g} |")
+    if results.get("vocoder"):
+        lines += ["", f"Vocoder alone ({results['vocoder'][0]['num_samples']} samples per clip; "
+                  "real test audio vocoded and re-encoded, against the test split):", "",
+                  "| vocoder | domain FAD of vocoded real audio | ms per clip |",
+                  "| --- | ---: | ---: |"]
+        lines += [f"| {v['vocoder']} | {v['fad_vocoded_real']:.3g} | {v['ms_per_clip']:.2f} |"
+                  for v in results["vocoder"]]
     floor = rows[0].get("score_floor")
     if floor is not None:
         lines += ["", f"Reference: {score_name} of real data against real data = {floor:.4g}."]

@@ -128,10 +128,29 @@ def plot_samples(dataset_name: str, samples: dict, path: Path):
     else:
         for name in names:
             result = outputs[name]
-            save_spectrograms(out / f"spectrograms_{name.replace('/', '_')}.png",
+            stem = name.replace('/', '_')
+            save_spectrograms(out / f"spectrograms_{stem}.png",
                               result.latents.float().numpy(), [str(c)[:28] for c in
                                                                result.conditions])
+            vocoder = samples[name][0].vocoder
+            write_wavs(out / "wav" / stem, vocoder(result.latents[:WAVS_PER_ROW].float()),
+                       vocoder.config.sample_rate, result.conditions[:WAVS_PER_ROW])
     return outputs
+
+
+WAVS_PER_ROW = 3
+
+
+def write_wavs(folder: Path, waves, sample_rate: int, captions: list[str]):
+    """One WAV per waveform, named by its index and caption."""
+    import re
+
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (wave, caption) in enumerate(zip(waves.numpy(), captions)):
+        slug = re.sub(r"[^a-z0-9]+", "-", str(caption).lower()).strip("-")[:48]
+        sf.write(folder / f"{i}-{slug}.wav", wave / max(1.0, abs(wave).max()), sample_rate)
 
 
 def plot_score_vs_nfe(dataset_name: str, rows: list[dict], path: Path):

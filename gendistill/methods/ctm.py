@@ -274,12 +274,15 @@ class CTMTraining:
                       "d_fake": fake.mean().detach()}
 
     def export(self, student: CTMStudent, folder: Path):
-        from ..pipelines import CTMPipeline, CTMScheduler
+        from ..pipelines import CTMPipeline, CTMScheduler, SoundCTMPipeline
         from ..pipelines.remote import save_with_remote_code
 
         scheduler = CTMScheduler(sigma_min=self.teacher.sigma_min,
                                  sigma_max=self.teacher.sigma_max)
-        pipe = CTMPipeline(unet=student, scheduler=scheduler,
-                           vocoder=getattr(self.teacher_pipe, "vocoder", None),
-                           text_encoder_name=self.teacher_pipe.config.text_encoder_name)
+        vocoder = getattr(self.teacher_pipe, "vocoder", None)
+        text_encoder_name = self.teacher_pipe.config.text_encoder_name
+        text_to_sound = vocoder is not None and text_encoder_name is not None
+        pipeline_class = SoundCTMPipeline if text_to_sound else CTMPipeline
+        pipe = pipeline_class(unet=student, scheduler=scheduler, vocoder=vocoder,
+                              text_encoder_name=text_encoder_name)
         save_with_remote_code(pipe, folder)
