@@ -2,6 +2,8 @@
 
 1. the digits teacher's class-by-row grid (Heun, 18 steps) and the toy2d teacher's scatter plot;
 2. the shipped, fully distilled 1-step CTM students beside their teachers (the real result);
+   for text-to-sound, WAVs of the shipped SoundCTM student and the teacher on the same prompts
+   and a spectrogram sheet comparing them;
 3. a quick CTM distillation of the digits teacher run here and now (``gendistill bench digits
    --quick``: 120 steps, minutes), labelled as such: it shows the machinery, not the quality.
 """
@@ -17,7 +19,7 @@ from .config import REPO_ROOT, load_config
 from .data import load_dataset
 from .generate import sample, write_samples
 from .pipelines import TeacherPipeline, load_pipeline
-from .plots import save_scatter
+from .plots import save_scatter, save_spectrograms
 
 
 def teacher_folder(name: str, retrain: bool) -> Path:
@@ -74,12 +76,45 @@ def shipped_students(out: Path):
               f"{time.time() - start:.1f}s")
 
 
+DEMO_PROMPTS = ["a loud high siren, fast", "a quiet low tone, slow", "a loud mid chirp, fast",
+                "noise burst sound, high pitch, loud and slow", "a quiet high pluck, fast",
+                "a loud low tremolo, slow"]
+
+
+def text_to_sound(out: Path):
+    """The shipped synthsounds teacher (Heun 18 steps, omega 3.5) and its 1-step SoundCTM
+    student on the same prompts and seed: WAVs of both and one spectrogram sheet."""
+    from .eval.bench_plots import write_wavs
+
+    start = time.time()
+    teacher, student = (load_pipeline(f) for f in (builtin_teacher("synthsounds"),
+                                                     builtin_student("synthsounds")))
+    folder = out / "text_to_sound"
+    rows = {}
+    for name, wavs, pipe, call in (
+            ("teacher, Heun 18 steps", "teacher", teacher,
+             {"num_inference_steps": 18, "sampler": "heun"}),
+            ("SoundCTM student, 1 step", "student", student, {"num_inference_steps": 1})):
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            result = sample(pipe, None, DEMO_PROMPTS, 1, 0, guidance_scale=3.5, **call)
+        rows[name] = result.latents.float()
+        write_wavs(folder / wavs, pipe.vocoder(rows[name]), pipe.vocoder.config.sample_rate,
+                   DEMO_PROMPTS)
+    save_spectrograms(folder / "teacher_vs_soundctm.png",
+                      {k: v.numpy() for k, v in rows.items()}, [p[:28] for p in DEMO_PROMPTS])
+    print(f"wrote {folder}: WAVs of the shipped teacher and 1-step SoundCTM student (omega 3.5) "
+          f"on {len(DEMO_PROMPTS)} prompts and teacher_vs_soundctm.png, "
+          f"{time.time() - start:.1f}s")
+
+
 def run_demo(out: Path, retrain: bool = False, distill: bool = True):
     from .eval.bench import run_bench
 
     out.mkdir(parents=True, exist_ok=True)
     teacher_samples(out, retrain)
     shipped_students(out)
+    text_to_sound(out)
     if not distill:
         return
     bench_dir = out / "demo-digits-quick"

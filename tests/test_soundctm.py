@@ -17,7 +17,7 @@ from gendistill.models.networks import build_network
 from gendistill.models.student import CTMStudent
 from gendistill.pipelines import (CTMScheduler, LoudnessControl, MelVocoder, SoundCTMPipeline,
                                   SpectralMaskControl)
-from gendistill.pipelines.control import to_db
+from gendistill.pipelines.control import guide, to_db
 from gendistill.pipelines.remote import save_with_remote_code
 from gendistill.pipelines.text import MINILM
 
@@ -115,17 +115,38 @@ def swell(frames=32):
     return 10 ** ((-40 + 28 * (1 - torch.linspace(-1, 1, frames).abs())) / 20)
 
 
-@pytest.mark.parametrize("method,steps", [("noise", 1), ("guided", 3)])
-def test_control_moves_the_output_towards_the_target(sound_pipe, method, steps):
+def test_noise_optimisation_moves_the_output_towards_the_target(sound_pipe):
     prompts = ["a loud fast siren", "a quiet low tone"]
-    control = LoudnessControl(target=swell(), method=method, steps=15)
-    kw = dict(num_inference_steps=steps, gamma=1.0, output_type="latent")
-    free = sound_pipe(prompts, generator=gen(), **kw).latents
-    steered = sound_pipe(prompts, generator=gen(), control=control, **kw).latents
+    control = LoudnessControl(target=swell(), method="noise", steps=15)
+    free = sound_pipe(prompts, generator=gen(), output_type="latent").latents
+    steered = sound_pipe(prompts, generator=gen(), control=control, output_type="latent").latents
     loss_free = control.loss(free, sound_pipe.vocoder).mean()
     loss_steered = control.loss(steered, sound_pipe.vocoder).mean()
-    assert loss_steered < 0.8 * loss_free  # how far it gets is measured by the bench
+    assert loss_steered < 0.5 * loss_free  # how far it gets is measured by the bench
     assert all(p.grad is None for p in sound_pipe.unet.parameters())  # weights untouched
+
+
+def test_guided_sampling_edits_the_clean_estimate_between_jumps(sound_pipe):
+    """Each jump but the last: g -> guide(g), the jump's output moved by (1 - s/t)(guide(g) - g);
+    guide itself brings the estimate close to the target."""
+    prompts = ["a loud fast siren", "a quiet low tone"]
+    control = LoudnessControl(target=swell(), method="guided", steps=15)
+    out = sound_pipe(prompts, num_inference_steps=2, generator=gen(), control=control,
+                     output_type="latent").latents
+    # the same by hand (gamma = 0: the jump lands on t_1, no renoising)
+    pipe, scheduler = sound_pipe, sound_pipe.scheduler
+    scheduler.set_timesteps(2, 0.0)
+    cond = pipe.encode_prompt(prompts)
+    x = pipe.initial_noise(2, scheduler.init_noise_sigma, gen())
+    t, s = scheduler.jump(0)
+    jumped, g = pipe.jump(x, t, s, cond, 3.5, 1.0, return_estimate=True)
+    edited = guide(g, control, pipe.vocoder)
+    assert control.loss(edited, pipe.vocoder).mean() < 0.1 * control.loss(g, pipe.vocoder).mean()
+    t, s = scheduler.jump(1)
+    expected = pipe.jump(jumped + (1 - s / t) * (edited - g), t, s, cond, 3.5, 1.0)
+    # Adam's normalised steps turn float noise in near-zero gradients into small differences
+    torch.testing.assert_close(out, expected, rtol=0, atol=0.02)
+    assert (out - pipe.jump(jumped, t, s, cond, 3.5, 1.0)).abs().max() > 0.1  # the edit counts
 
 
 def test_control_misuse_is_a_clear_error(sound_pipe):
@@ -257,3 +278,22 @@ def test_train_a_teacher_on_an_audiofolder(tmp_path):
                "train.max_steps=2", "train.batch_size=4", "network.channels=[8,16]")
     index = json.loads((tmp_path / "run" / "model" / "model_index.json").read_text())
     assert index["vocoder"][1] == "MelVocoder" and index["text_encoder_name"] == MINILM
+
+
+def test_shipped_soundctm_student_and_the_demo_sounds(tmp_path):
+    """The shipped text-to-sound student: one call per sound, the captioned family (the bench:
+    96.9 % at omega 3.5, the teacher 100 %), and the demo's WAVs and sheet."""
+    from gendistill.assets import builtin_student
+    from gendistill.demo import DEMO_PROMPTS, text_to_sound
+    from gendistill.eval.accuracy import caption_families, conditional_accuracy
+    from gendistill.pipelines import load_pipeline
+
+    student = load_pipeline(builtin_student("synthsounds"))
+    student.set_progress_bar_config(disable=True)
+    assert isinstance(student, SoundCTMPipeline) and student.unet.has_guidance
+    captions = load_dataset("synthsounds", "test").captions[::8]
+    out = student(captions, generator=gen(), output_type="latent")
+    assert conditional_accuracy(out.latents, caption_families(captions), "synthsounds") > 0.9
+    text_to_sound(tmp_path)
+    assert len(list((tmp_path / "text_to_sound" / "student").glob("*.wav"))) == len(DEMO_PROMPTS)
+    assert (tmp_path / "text_to_sound" / "teacher_vs_soundctm.png").stat().st_size > 5000
