@@ -84,20 +84,24 @@ def check_condition_flags(pipe, args):
                          + (" (give --class N)" if pipe.conditioning == "class" else ""))
 
 
+def accepts(pipe, argument: str) -> bool:
+    """Whether the model's pipeline call takes ``argument``."""
+    return argument in inspect.signature(type(pipe).__call__).parameters
+
+
 def sampling_kwargs(pipe, args) -> dict:
     """Pipeline call arguments from the sampling flags; a flag the model's pipeline does not
     take (--sampler for a CTM student, --gamma for a teacher) is a usage error."""
     for flag in ("--steps", "--guidance", "--gamma", "--nu", "--seed"):
         check_flag(flag, getattr(args, flag[2:]))
     kwargs = {}
-    accepted = inspect.signature(type(pipe).__call__).parameters
     for flag, value, key in (("--steps", args.steps, "num_inference_steps"),
                              ("--guidance", args.guidance, "guidance_scale"),
                              ("--sampler", args.sampler, "sampler"),
                              ("--gamma", args.gamma, "gamma"), ("--nu", args.nu, "nu")):
         if value is None:
             continue
-        if key not in accepted:
+        if not accepts(pipe, key):
             raise UsageError(f"{flag} does not apply to {type(pipe).__name__} models")
         kwargs[key] = value
     return kwargs
@@ -152,8 +156,7 @@ def control_from_args(pipe, args):
     if args.loudness is None and args.mask is None:
         return None
     flag = "--loudness" if args.loudness is not None else "--mask"
-    if getattr(pipe, "vocoder", None) is None or "control" not in \
-            inspect.signature(type(pipe).__call__).parameters:
+    if getattr(pipe, "vocoder", None) is None or not accepts(pipe, "control"):
         raise UsageError(f"{flag}: training-free control needs an audio CTM student")
     check_flag("--control-steps", args.control_steps, 1, 10_000)
     common = dict(method=args.control_method, steps=args.control_steps)
@@ -171,7 +174,7 @@ def cmd_generate(args) -> int:
     kwargs = sampling_kwargs(pipe, args)
     check_condition_flags(pipe, args)
     if args.negative_prompt is not None:
-        if "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
+        if not accepts(pipe, "negative_prompt"):
             raise UsageError(f"--negative-prompt does not apply to {type(pipe).__name__} models")
         kwargs["negative_prompt"] = args.negative_prompt
     control = control_from_args(pipe, args)

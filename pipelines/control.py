@@ -133,28 +133,31 @@ class SpectralMaskControl(Control):
         return {"energy_outside": float(self.wrong_place(mel).mean())}
 
 
+def descend(x: torch.Tensor, loss, lr: float, steps: int, project=None) -> torch.Tensor:
+    """``steps`` Adam steps on a copy of x for ``loss(x).sum()``; ``project`` (in place) after
+    each. Only x gets gradients: a network inside ``loss`` keeps its weights' untouched."""
+    x = x.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            x.grad, = torch.autograd.grad(loss(x).sum(), x)
+            optimizer.step()
+            if project is not None:
+                with torch.no_grad():
+                    project(x)
+    return x.detach()
+
+
 def optimise_noise(generate, noise: torch.Tensor, control: Control, vocoder) -> torch.Tensor:
     """DITTO-like: Adam on the initial noise through ``generate`` (the 1-step student), each
     sample's noise renormalised to its starting norm after every step."""
     norm = noise.flatten(1).norm(dim=1)
-    z = noise.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=control.lr * float(norm.mean()) / norm[0].numel() ** 0.5)
-    with torch.enable_grad():
-        for _ in range(control.steps):
-            # the gradient for z alone: the student's weights get none
-            z.grad, = torch.autograd.grad(control.loss(generate(z), vocoder).sum(), z)
-            optimizer.step()
-            with torch.no_grad():
-                z.mul_((norm / z.flatten(1).norm(dim=1)).view(-1, *[1] * (z.ndim - 1)))
-    return z.detach()
+    shape = (-1, *[1] * (noise.ndim - 1))
+    return descend(noise, lambda z: control.loss(generate(z), vocoder),
+                   control.lr * float(norm.mean()) / norm[0].numel() ** 0.5, control.steps,
+                   project=lambda z: z.mul_((norm / z.flatten(1).norm(dim=1)).view(shape)))
 
 
 def guide(estimate: torch.Tensor, control: Control, vocoder) -> torch.Tensor:
     """Adam steps on a clean estimate (in sample space, no network calls)."""
-    x = estimate.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=control.lr)
-    with torch.enable_grad():
-        for _ in range(control.steps):
-            x.grad, = torch.autograd.grad(control.loss(x, vocoder).sum(), x)
-            optimizer.step()
-    return x.detach()
+    return descend(estimate, lambda x: control.loss(x, vocoder), control.lr, control.steps)

@@ -15,6 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
 from gendistill.diffusion.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from gendistill.models.student import trajectory_jump
 
 from .base import ConditionalPipeline
 from .control import guide, optimise_noise
@@ -93,8 +94,7 @@ class CTMPipeline(ConditionalPipeline):
             g_uncond, g_cond = self.unet(torch.cat([x, x]), t, s, torch.cat([uncond, cond]),
                                          guidance, return_denoised=True).chunk(2)
             g = g_uncond + nu * (g_cond - g_uncond)
-        ratio = s / t  # G = (s/t) x + (1 - s/t) g, linear in g
-        jumped = ratio * x + (1 - ratio) * g
+        jumped = trajectory_jump(x, t, s, g)  # linear in g: nu combines the estimates
         return (jumped, g) if return_estimate else jumped
 
     @torch.no_grad()
@@ -130,8 +130,8 @@ class CTMPipeline(ConditionalPipeline):
         for k in self.progress_bar(range(num_inference_steps)):
             t, s = self.scheduler.jump(k)
             jumped, g = self.jump(x, t, s, cond, guidance_scale, nu, uncond, return_estimate=True)
-            if guided and k + 1 < num_inference_steps:
-                jumped = jumped + (1 - s / t) * (guide(g, control, self.vocoder) - g)
+            if guided and k + 1 < num_inference_steps:  # the jump from the edited estimate
+                jumped = trajectory_jump(x, t, s, guide(g, control, self.vocoder))
             x = self.scheduler.step(jumped, k, generator)
         return self.postprocess(x, conditions, output_type, return_dict)
 

@@ -28,6 +28,14 @@ def zero_init_embedding(dim_in: int, dim: int) -> TimestepEmbedding:
     return emb
 
 
+def trajectory_jump(x: torch.Tensor, t, s, denoised: torch.Tensor) -> torch.Tensor:
+    """G(x_t, t, s) = (s/t) x_t + (1 - s/t) g: from x at t to s, given the estimate g."""
+    ratio = s / t
+    if torch.is_tensor(ratio):
+        ratio = append_dims(ratio, x.ndim)
+    return ratio * x + (1 - ratio) * denoised
+
+
 class CTMStudent(ModelMixin, ConfigMixin):
     """G(x_t, t, s, cond, omega) around a diffusers UNet or an MLPNet (``network``)."""
 
@@ -108,8 +116,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
         denoised = self.denoise(x, t, s, cond, guidance)
         if return_denoised:
             return denoised
-        ratio = append_dims(s / t, x.ndim)
-        return ratio * x + (1 - ratio) * denoised
+        return trajectory_jump(x, t, s, denoised)
 
     def feature_modules(self) -> list[nn.Module]:
         return feature_modules(self.network)
