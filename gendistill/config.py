@@ -71,6 +71,17 @@ class EDMConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """What a teacher is trained as: its parameterisation and its diffusers scheduler."""
+
+    parameterization: str = "edm"  # edm (EDMEulerScheduler; the edm section), vp-eps / vp-v
+                                   # (DDPMScheduler, epsilon / v prediction) or flow
+                                   # (FlowMatchEulerDiscreteScheduler, velocity)
+    num_train_timesteps: int = 1000  # VP and flow: the scheduler's discrete timesteps
+    beta_schedule: str = "linear"  # VP: DDPMScheduler's beta schedule
+
+
+@dataclass
 class CTMConfig:
     """CTM / SoundCTM distillation (DESIGN.md section 4)."""
 
@@ -123,6 +134,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
     ctm: CTMConfig = field(default_factory=CTMConfig)
     msd: MSDConfig = field(default_factory=MSDConfig)
@@ -227,6 +239,7 @@ RANGES = {
     "train.checkpoint_every": (0, INF, False), "train.log_every": (1, INF, False),
     "train.keep_checkpoints": (0, INF, False), "train.max_nonfinite": (1, INF, False),
     "train.threads": (1, 4096, False),
+    "diffusion.num_train_timesteps": (2, 10 ** 6, False),
     "edm.sigma_min": (0, INF, True), "edm.sigma_max": (0, INF, True),
     "edm.sigma_data": (0, INF, True), "edm.p_mean": (-INF, INF, False),
     "edm.p_std": (0, INF, True),
@@ -246,7 +259,9 @@ RANGES = {
 CHOICES = {
     "method": METHODS, "data.name": ("toy2d", "digits", "synthsounds", "npz", "audiofolder"),
     "data.kind": (None, "vector", "image", "audio"),
-    "train.mixed_precision": ("no", "fp16", "bf16"), "ctm.match_point": ("zs", "z0"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "diffusion.parameterization": ("edm", "vp-eps", "vp-v", "flow"),
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"), "ctm.match_point": ("zs", "z0"),
     "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),
     "msd.partition": ("contiguous", "kmeans", "random", "balanced"),
 }

@@ -58,6 +58,18 @@ def mismatch(pipe, ds) -> str | None:
     return None
 
 
+def custom_sigmas(sigmas, min_points: int = 2) -> torch.Tensor:
+    """A user's noise schedule: finite, non-negative and strictly decreasing."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
+    if len(sigmas) < min_points:
+        raise ValueError(f"sigmas: give at least {min_points} noise levels, got "
+                         f"{sigmas.tolist()}")
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any() or (sigmas.diff() >= 0).any():
+        raise ValueError(f"sigmas: expected finite, non-negative, strictly decreasing noise "
+                         f"levels, got {sigmas.tolist()}")
+    return sigmas
+
+
 def null_class(net) -> int | None:
     """Class-conditional networks carry one extra embedding, the null class, at the end."""
     n = getattr(base_config(net), "num_class_embeds", None)
@@ -128,10 +140,22 @@ class ConditionalPipeline(DiffusionPipeline):
             raise ValueError("this pipeline is unconditional: pass neither class_labels nor prompt")
         return None, [None] * (batch_size * num_per_condition)
 
-    def initial_noise(self, n: int, sigma: float, generator=None) -> torch.Tensor:
+    def initial_noise(self, n: int, sigma: float, generator=None, latents=None) -> torch.Tensor:
+        """sigma z for the first step; ``latents`` is z given by the user (unit variance, as
+        diffusers pipelines take it), else z is drawn."""
         shape = (n, *network_sample_shape(self.network))
-        return sigma * randn_tensor(shape, generator=generator, device=self.device,
-                                    dtype=self.network.dtype)
+        if latents is None:
+            z = randn_tensor(shape, generator=generator, device=self.device,
+                             dtype=self.network.dtype)
+        else:
+            z = torch.as_tensor(latents)
+            if tuple(z.shape) != shape:
+                raise ValueError(f"latents: expected shape {shape} (one per sample), got "
+                                 f"{tuple(z.shape)}")
+            if not torch.isfinite(z).all():
+                raise ValueError("latents: contains NaN or Inf")
+            z = z.to(self.device, self.network.dtype)
+        return sigma * z
 
     def postprocess(self, x: torch.Tensor, conditions: list, output_type: str = "pil",
                     return_dict: bool = True, students: list | None = None):

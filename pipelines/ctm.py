@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from gendistill.diffusion.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from gendistill.models.student import trajectory_jump
 
-from .base import ConditionalPipeline
+from .base import ConditionalPipeline, custom_sigmas
 from .control import guide, optimise_noise
 
 
@@ -33,17 +33,26 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
         self.gamma = gamma
 
     def set_timesteps(self, num_inference_steps: int = 1, gamma: float | None = None,
-                      device=None):
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+                      device=None, sigmas=None):
+        """A Karras grid of ``num_inference_steps`` + 1 points, or the user's ``sigmas``
+        (n + 1 decreasing noise levels for n jumps, within the student's range)."""
         gamma = self.config.gamma if gamma is None else gamma
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         cfg = self.config
         self.gamma = gamma
-        self.sigmas = karras_sigmas(num_inference_steps + 1, cfg.sigma_min, cfg.sigma_max,
-                                    cfg.rho, device=device)
-        self.timesteps = torch.arange(num_inference_steps, device=device)
+        if sigmas is not None:
+            sigmas = custom_sigmas(sigmas)
+            if sigmas[0] > cfg.sigma_max * (1 + 1e-6):
+                raise ValueError(f"sigmas: the student knows noise levels up to sigma_max = "
+                                 f"{cfg.sigma_max}, got {float(sigmas[0])}")
+            self.sigmas = sigmas.to(device)
+        elif num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        else:
+            self.sigmas = karras_sigmas(num_inference_steps + 1, cfg.sigma_min, cfg.sigma_max,
+                                        cfg.rho, device=device)
+        self.timesteps = torch.arange(len(self.sigmas) - 1, device=device)
 
     @property
     def init_noise_sigma(self) -> float:
@@ -102,10 +111,12 @@ class CTMPipeline(ConditionalPipeline):
                  num_per_condition: int = 1, num_inference_steps: int = 1, gamma: float = 0.0,
                  guidance_scale: float | None = None, nu: float = 1.0, negative_prompt=None,
                  control=None, generator=None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, sigmas=None, latents=None):
         """``guidance_scale`` (omega) is a student input; default 3.5 for CFG-distilled students.
         ``negative_prompt`` replaces the empty prompt that nu interpolates from. ``control``: a
-        ``gendistill.pipelines.control`` object (training-free control of audio)."""
+        ``gendistill.pipelines.control`` object (training-free control of audio). ``sigmas``:
+        n + 1 decreasing noise levels for n jumps instead of the Karras grid; ``latents``: the
+        unit-variance starting noise, one per sample."""
         if guidance_scale is None:
             guidance_scale = 3.5 if self.unet.has_guidance else 1.0
         elif not self.unet.has_guidance and guidance_scale != 1.0:
@@ -117,12 +128,15 @@ class CTMPipeline(ConditionalPipeline):
         uncond = self.negative_condition(negative_prompt, len(conditions), nu)
         if control is not None and getattr(self, "vocoder", None) is None:
             raise ValueError("control works on audio: this pipeline has no vocoder")
+        self.scheduler.set_timesteps(num_inference_steps, gamma, device=self.device,
+                                     sigmas=sigmas)
+        num_inference_steps = len(self.scheduler.timesteps)
         guided = control is not None and control.method == "guided"
         if guided and num_inference_steps < 2:
             raise ValueError("guided control acts between jumps: num_inference_steps must be "
                              ">= 2 (or use control method 'noise')")
-        self.scheduler.set_timesteps(num_inference_steps, gamma, device=self.device)
-        x = self.initial_noise(len(conditions), self.scheduler.init_noise_sigma, generator)
+        x = self.initial_noise(len(conditions), self.scheduler.init_noise_sigma, generator,
+                               latents)
         if control is not None and control.method == "noise":
             t, s_min = float(self.scheduler.sigmas[0]), float(self.scheduler.sigmas[-1])
             x = optimise_noise(lambda z: self.jump(z, t, s_min, cond, guidance_scale, nu, uncond),
@@ -162,7 +176,8 @@ class SoundCTMPipeline(CTMPipeline):
     def __call__(self, prompt=None, negative_prompt=None, num_waveforms_per_prompt: int = 1,
                  num_inference_steps: int = 1, gamma: float = 0.0,
                  guidance_scale: float | None = None, nu: float = 1.0, control=None,
-                 generator=None, output_type: str = "np", return_dict: bool = True, *,
+                 generator=None, output_type: str = "np", return_dict: bool = True,
+                 latents=None, *,
                  num_per_condition: int | None = None, **kwargs):
         """``num_per_condition`` is the name every gendistill pipeline takes; it wins over
         ``num_waveforms_per_prompt`` when given."""
@@ -172,4 +187,4 @@ class SoundCTMPipeline(CTMPipeline):
                                 guidance_scale=guidance_scale, nu=nu,
                                 negative_prompt=negative_prompt, control=control,
                                 generator=generator, output_type=output_type,
-                                return_dict=return_dict, **kwargs)
+                                return_dict=return_dict, latents=latents, **kwargs)

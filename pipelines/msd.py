@@ -33,15 +33,16 @@ class MSDPipeline(ConditionalPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
                  num_per_condition: int = 1, num_inference_steps: int = 1, generator=None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, latents=None):
         """One step from sigma_max; ``.students`` of the output says which student made each
-        sample."""
+        sample. ``latents``: the unit-variance starting noise, one per sample."""
         if num_inference_steps != 1:
             raise ValueError(f"MSD students are 1-step generators: num_inference_steps must be "
                              f"1, got {num_inference_steps}")
         cond, conditions = self.prepare_conditions(class_labels, prompt, batch_size,
                                                    num_per_condition)
         student = self.route(cond, conditions)
-        noise = self.initial_noise(len(conditions), self.students.config.sigma_max, generator)
+        noise = self.initial_noise(len(conditions), self.students.config.sigma_max, generator,
+                                   latents)
         x = self.students(noise, cond, student)
         return self.postprocess(x, conditions, output_type, return_dict, student.tolist())

@@ -10,7 +10,7 @@ import torch
 
 from gendistill.diffusion import SAMPLERS, append_zero, denoiser_from_scheduler, karras_sigmas
 
-from .base import ConditionalPipeline
+from .base import ConditionalPipeline, custom_sigmas
 
 
 class TeacherPipeline(ConditionalPipeline):
@@ -30,16 +30,24 @@ class TeacherPipeline(ConditionalPipeline):
     def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
                  num_per_condition: int = 1, num_inference_steps: int = 18,
                  guidance_scale: float = 1.0, sampler: str = "heun", generator=None,
-                 output_type: str = "pil", return_dict: bool = True):
-        """Solve the probability-flow ODE over a Karras grid of ``num_inference_steps`` + 0."""
+                 output_type: str = "pil", return_dict: bool = True, sigmas=None,
+                 latents=None):
+        """Solve the probability-flow ODE over a Karras grid of ``num_inference_steps`` + 0, or
+        over ``sigmas`` (decreasing noise levels; a final 0 is appended when missing).
+        ``latents``: the unit-variance starting noise, one per sample."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         cond, conditions = self.prepare_conditions(class_labels, prompt, batch_size,
                                                    num_per_condition)
         denoiser = self.denoiser()
-        sigmas = append_zero(karras_sigmas(num_inference_steps, denoiser.sigma_min,
-                                           denoiser.sigma_max, device=self.device))
-        x = self.initial_noise(len(conditions), float(sigmas[0]), generator)
-        with self.progress_bar(total=num_inference_steps) as bar:
+        if sigmas is None:
+            sigmas = append_zero(karras_sigmas(num_inference_steps, denoiser.sigma_min,
+                                               denoiser.sigma_max))
+        else:
+            sigmas = custom_sigmas(sigmas, min_points=1)
+            sigmas = sigmas if sigmas[-1] == 0 else append_zero(sigmas)
+        sigmas = sigmas.to(self.device)
+        x = self.initial_noise(len(conditions), float(sigmas[0]), generator, latents)
+        with self.progress_bar(total=len(sigmas) - 1) as bar:
             x = SAMPLERS[sampler](denoiser, x, sigmas, cond, guidance_scale, progress=bar)
         return self.postprocess(x, conditions, output_type, return_dict)

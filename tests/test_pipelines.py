@@ -99,3 +99,36 @@ def test_sample_unconditional_gives_the_requested_count(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     out = sample(pipe, num_per_condition=5, num_inference_steps=2)
     assert out.latents.shape == (5, 1, 8, 8)
+
+
+def test_latents_and_sigmas_as_diffusers_pipelines_take_them():
+    from gendistill.diffusion import append_zero, karras_sigmas
+    from gendistill.models.student import CTMStudent
+    from gendistill.pipelines import CTMPipeline, CTMScheduler
+
+    teacher = small_teacher()
+    student = CTMStudent.from_teacher(teacher.unet, 0.5, 0.002, embed_guidance=False)
+    ctm = CTMPipeline(student, CTMScheduler())
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for pipe, steps, grid in ((teacher, 4, append_zero(karras_sigmas(4))),
+                              (ctm, 2, karras_sigmas(3))):
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(class_labels=[3, 7], output_type="latent")
+        drawn = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                     **kw).samples
+        # latents is the unit-variance noise the generator would have drawn
+        torch.testing.assert_close(pipe(num_inference_steps=steps, latents=z, **kw).samples,
+                                   drawn)
+        # the default grid given as sigmas is the default run
+        torch.testing.assert_close(pipe(sigmas=grid.tolist(), latents=z, **kw).samples, drawn)
+        with pytest.raises(ValueError, match=r"latents: expected shape \(2, 1, 8, 8\)"):
+            pipe(latents=torch.randn(3, 1, 8, 8), **kw)
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            pipe(sigmas=[1.0, 5.0, 0.0], **kw)
+    # a teacher's grid without its final 0 gets one
+    torch.testing.assert_close(teacher(sigmas=karras_sigmas(4).tolist(), latents=z,
+                                       class_labels=[3, 7], output_type="latent").samples,
+                               teacher(sigmas=append_zero(karras_sigmas(4)), latents=z,
+                                       class_labels=[3, 7], output_type="latent").samples)
+    with pytest.raises(ValueError, match="up to sigma_max = 80.0"):
+        ctm(sigmas=[100.0, 1.0], class_labels=[3, 7])

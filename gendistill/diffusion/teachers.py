@@ -53,8 +53,11 @@ class Denoiser(nn.Module):
     """D(x, sigma, cond) -> x0_hat in sigma space, with the null condition used for CFG.
 
     ``null_cond`` is one sample's null condition (the null class index, or the token states of
-    the empty prompt); None for an unconditional teacher.
+    the empty prompt); None for an unconditional teacher. ``sigma_data`` is the data scale the
+    x0 losses weight by (EDM's lambda(sigma)); only EDM's preconditioning reads its own.
     """
+
+    sigma_data = SIGMA_DATA
 
     def __init__(self, net: nn.Module, null_cond: torch.Tensor | None = None,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX):
@@ -217,6 +220,11 @@ class NFECounter:
         return int(round(self.rows / batch_size))
 
 
+SUPPORTED_SCHEDULERS = ("EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler), "
+                        "flow matching (FlowMatchEulerDiscreteScheduler, ...) and VP schedulers "
+                        "with alphas_cumprod (DDPM, DDIM, PNDM, Euler, DPMSolver, ...)")
+
+
 def denoiser_from_scheduler(net: nn.Module, scheduler, null_cond=None) -> Denoiser:
     """Pick the adapter from a diffusers scheduler: EDM, flow matching, or discrete VP."""
     name, cfg = type(scheduler).__name__, scheduler.config
@@ -227,6 +235,31 @@ def denoiser_from_scheduler(net: nn.Module, scheduler, null_cond=None) -> Denois
         return FlowDenoiser(net, num_train_timesteps=cfg.num_train_timesteps, null_cond=null_cond)
     if hasattr(scheduler, "alphas_cumprod"):
         return VPDenoiser(net, scheduler.alphas_cumprod, cfg.prediction_type, null_cond=null_cond)
-    raise TypeError(f"no teacher adapter for scheduler {name}")
+    raise TypeError(f"no teacher adapter for scheduler {name}; supported: {SUPPORTED_SCHEDULERS}")
 
 
+def scheduler_config(scheduler) -> dict:
+    """A scheduler's config as saved, with its ``_class_name`` (what a student keeps)."""
+    return {**{k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+            "_class_name": type(scheduler).__name__}
+
+
+def scheduler_from_config(config: dict):
+    """The diffusers scheduler a ``scheduler_config`` describes."""
+    import diffusers
+
+    name = config.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise TypeError(f"unknown scheduler class {name!r}; supported: {SUPPORTED_SCHEDULERS}")
+    return cls.from_config(config)
+
+
+def parameterized(net: nn.Module, teacher_scheduler: dict | None = None,
+                  sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,
+                  sigma_max: float = SIGMA_MAX) -> Denoiser:
+    """``net`` in its teacher's parameterisation: the adapter of the teacher's scheduler config,
+    or EDM's preconditioning (with these sigmas) when there is none."""
+    if teacher_scheduler is None:
+        return EDMDenoiser(net, sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max)
+    return denoiser_from_scheduler(net, scheduler_from_config(teacher_scheduler))

@@ -21,8 +21,9 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..data.conditioning import drop_conditions
-from ..diffusion import (Denoiser, EDMDenoiser, append_dims, edm_loss_weight, full_precision,
-                         heun_step, karras_sigmas, sample_half_lognormal, sample_lognormal)
+from ..diffusion import (Denoiser, append_dims, edm_loss_weight, full_precision, heun_step,
+                         karras_sigmas, sample_half_lognormal, sample_lognormal,
+                         scheduler_config)
 from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent
 from ..training.ema import EMA
@@ -168,15 +169,14 @@ class CTMTraining:
         c = cfg.ctm  # values and ranges are checked by config.validate
         self.cfg, self.teacher_pipe, self.null_cond = cfg, teacher_pipe, null_cond
         teacher = teacher_pipe.denoiser()
-        if not isinstance(teacher, EDMDenoiser):
-            raise ConfigError(f"teacher: CTM students start from the teacher's weights and need "
-                              f"an EDM-preconditioned teacher, got {type(teacher).__name__}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.distill_guidance = c.guidance_max > 1.0
         self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
                                              embed_guidance=self.distill_guidance,
                                              s_log_scale=c.s_log_scale,
-                                             guidance_embed_scale=c.guidance_embed_scale)
+                                             guidance_embed_scale=c.guidance_embed_scale,
+                                             teacher_scheduler=scheduler_config(
+                                                 teacher_pipe.scheduler))
         self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.train.lr)
         # theta-: the target network, its own EMA (the loop's EMA is what gets exported)

@@ -1,12 +1,14 @@
 """The CTM student G(x_t, t, s): a teacher network with extra embeddings for s and omega.
 
-G(x_t, t, s) = (s / t) x_t + (1 - s / t) g(x_t, t, s), where g is the EDM denoiser form at noise
-level t of the network; s (and, with CFG distillation, the guidance scale omega) enter through
-their own embedding MLPs added to the network's time embedding (DESIGN.md section 4). Their last
-layers start at zero, so a student built from a teacher network is exactly that teacher at
-step 0: g(x, t, s) = D_teacher(x, t).
+G(x_t, t, s) = (s / t) x_t + (1 - s / t) g(x_t, t, s), where g is the teacher's adapter (EDM,
+VP epsilon / v / x0, flow matching) around the student's network at noise level t; s (and, with
+CFG distillation, the guidance scale omega) enter through their own embedding MLPs added to the
+network's time embedding (DESIGN.md section 4). Their last layers start at zero, so a student
+built from a teacher is exactly that teacher at step 0: g(x, t, s) = D_teacher(x, t).
 """
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
@@ -14,8 +16,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MIN, append_dims, edm_scalings
-from ..diffusion.teachers import call_network, feature_modules
+from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MIN, append_dims
+from ..diffusion.teachers import Denoiser, feature_modules, parameterized
 from .networks import MLPNet
 
 NETWORK_CLASSES = {c.__name__: c for c in (UNet2DModel, UNet2DConditionModel, MLPNet)}
@@ -37,13 +39,15 @@ def trajectory_jump(x: torch.Tensor, t, s, denoised: torch.Tensor) -> torch.Tens
 
 
 class CTMStudent(ModelMixin, ConfigMixin):
-    """G(x_t, t, s, cond, omega) around a diffusers UNet or an MLPNet (``network``)."""
+    """G(x_t, t, s, cond, omega) around a diffusers UNet or an MLPNet (``network``), in the
+    parameterisation of the teacher whose scheduler config is ``teacher_scheduler`` (None: EDM
+    with ``sigma_data``)."""
 
     @register_to_config
     def __init__(self, network_class: str, network_config: dict, sigma_data: float = SIGMA_DATA,
                  sigma_min: float = SIGMA_MIN, embed_guidance: bool = False,
                  embedding_channels: int = 64, s_log_scale: float = 0.25,
-                 guidance_embed_scale: float = 1000.0):
+                 guidance_embed_scale: float = 1000.0, teacher_scheduler: dict | None = None):
         super().__init__()
         if network_class not in NETWORK_CLASSES:
             raise ValueError(f"unsupported student network {network_class!r} "
@@ -63,13 +67,22 @@ class CTMStudent(ModelMixin, ConfigMixin):
     @classmethod
     def from_teacher(cls, network: nn.Module, sigma_data: float, sigma_min: float,
                      embed_guidance: bool, s_log_scale: float = 0.25,
-                     guidance_embed_scale: float = 1000.0) -> "CTMStudent":
+                     guidance_embed_scale: float = 1000.0,
+                     teacher_scheduler: dict | None = None) -> "CTMStudent":
         """A student whose network starts as a copy of the teacher network's weights."""
         student = cls(type(network).__name__, dict(network.config), sigma_data, sigma_min,
                       embed_guidance, s_log_scale=s_log_scale,
-                      guidance_embed_scale=guidance_embed_scale)
+                      guidance_embed_scale=guidance_embed_scale,
+                      teacher_scheduler=teacher_scheduler)
         student.network.load_state_dict(network.state_dict())
         return student
+
+    @cached_property
+    def parameterization(self) -> Denoiser:
+        """The teacher's adapter around this student's network. Not a submodule (the network
+        is one already); a deep copy (the EMA) gets one around its own network."""
+        c = self.config
+        return parameterized(self.network, c.teacher_scheduler, c.sigma_data, c.sigma_min)
 
     def _add_extra_embedding(self, _module, _inputs, output):
         return output if self._extra_embedding is None else output + self._extra_embedding
@@ -95,14 +108,12 @@ class CTMStudent(ModelMixin, ConfigMixin):
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond=None,
                 guidance=None) -> torch.Tensor:
-        """g(x_t, t, s): the EDM denoiser form at noise level t."""
-        c_skip, c_out, c_in, c_noise = edm_scalings(t, self.config.sigma_data)
+        """g(x_t, t, s): the teacher's denoiser form at noise level t."""
         self._extra_embedding = self.extra_embedding(s, guidance)
         try:
-            raw = call_network(self.network, append_dims(c_in, x.ndim) * x, c_noise, cond)
+            return self.parameterization(x, t, cond)
         finally:
             self._extra_embedding = None
-        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * raw
 
     def forward(self, x: torch.Tensor, t, s, cond=None, guidance=None,
                 return_denoised: bool = False) -> torch.Tensor:
