@@ -10,17 +10,24 @@ from gendistill.eval.bench import PRESETS, Preset, Row, Student, results_markdow
 def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
     import gendistill.eval.bench as bench
 
-    monkeypatch.setattr(bench, "teacher_folder", lambda preset, quick, cache, log:
-                        bench.train_cached("teacher", preset.teacher_config,
-                                           preset.quick_overrides + ["network.width=32",
-                                                                     "network.depth=2"],
-                                           cache, log))
+    def tiny_teacher(name, config, extra, cache, log):
+        flow = ["diffusion.parameterization=flow"] if name == "teacher-flow" else []
+        return bench.train_cached(name, config, extra + ["network.width=32", "network.depth=2",
+                                                         *flow], cache, log)
+
+    monkeypatch.setattr(bench, "teacher_folder", tiny_teacher)
+    heun = {"num_inference_steps": 6, "sampler": "heun"}
     preset = Preset(
         dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
-        students={"ctm": Student("configs/ctm/toy2d.yaml", ["ctm.num_grid=6"])},
-        rows=[Row("teacher", "heun", "teacher", {"num_inference_steps": 6, "sampler": "heun"}),
+        students={"ctm": Student("configs/ctm/toy2d.yaml", ["ctm.num_grid=6"]),
+                  "ctm-flow": Student("configs/ctm/toy2d.yaml", ["ctm.num_grid=6"],
+                                      teacher="teacher-flow")},
+        other_teachers={"teacher-flow": "configs/teacher/toy2d.yaml"},
+        rows=[Row("teacher", "heun", "teacher", heun),
               Row("teacher", "euler-1", "teacher", {"num_inference_steps": 1, "sampler": "euler"}),
-              Row("ctm-1", "ctm", "ctm", {"num_inference_steps": 1})],
+              Row("ctm-1", "ctm", "ctm", {"num_inference_steps": 1}),
+              Row("teacher-flow", "heun", "teacher-flow", heun),
+              Row("ctm-1-flow", "ctm", "ctm-flow", {"num_inference_steps": 1})],
         num_samples=200, quick_num_samples=200, quick_overrides=["train.max_steps=8",
                                                                  "train.batch_size=32"],
         timing_batch=16)
@@ -33,9 +40,17 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
             "score", "score_ratio", "cond_acc", "precision", "recall", "sw2"}
     for row in saved["rows"]:
         assert keys <= set(row)
-    heun, euler, ctm = saved["rows"]
+    heun, euler, ctm, heun_flow, ctm_flow = saved["rows"]
     assert (heun["nfe"], euler["nfe"], ctm["nfe"]) == (11, 1, 1)  # 6 Heun steps = 2*6 - 1 calls
     assert heun["speedup"] == 1.0 and heun["score_ratio"] == 1.0
+    # each student is distilled from, and read against, its own teacher
+    assert (ctm["teacher"], heun_flow["teacher"], ctm_flow["teacher"]) == \
+        ("teacher", "teacher-flow", "teacher-flow")
+    assert heun_flow["score_ratio"] == 1.0
+    assert ctm_flow["score_ratio"] == round(ctm_flow["score"] / heun_flow["score"], 4)
+    flow_student = json.loads((bench.Path(res["models"]["ctm-flow"]) / "unet" /
+                               "config.json").read_text())
+    assert flow_student["teacher_scheduler"]["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert heun["score_name"] == "MMD²" and heun["cond_acc"] is None
     for name in ("results.md", "samples.png", "score_vs_nfe.png"):
         assert (tmp_path / "out" / name).stat().st_size > 500
@@ -43,7 +58,7 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
     logs.clear()
     run_bench(preset, tmp_path / "out2", quick=True, cache_dir=tmp_path / "cache", repeats=1,
               log=logs.append)
-    assert sum("reusing" in line for line in logs) == 2
+    assert sum("reusing" in line for line in logs) == 4
 
 
 def test_presets_have_the_required_rows():
@@ -53,7 +68,8 @@ def test_presets_have_the_required_rows():
                 ("ctm-4-g0.5", "ctm")} <= rows
     assert {("ctm-1-l2", "ctm"), ("ctm-1-gan", "ctm")} <= \
         {(r.model, r.method) for r in PRESETS["toy2d"].rows}
-    assert {("teacher", "heun-w3"), ("ctm-1-w3", "ctm")} <= \
+    assert {("teacher", "heun-w3"), ("ctm-1-w3", "ctm"), ("teacher-vp", "heun"),
+            ("teacher-flow", "heun"), ("ctm-1-vp", "ctm"), ("ctm-1-flow", "ctm")} <= \
         {(r.model, r.method) for r in PRESETS["digits"].rows}
     assert {("teacher", "heun"), ("teacher", "euler-1")} <= \
         {(r.model, r.method) for r in PRESETS["synthsounds"].rows}
@@ -78,3 +94,7 @@ def test_rows_are_read_against_the_teacher_at_the_same_guidance():
             dict(model="ctm-1-w3", method="ctm", call={"guidance_scale": 3.0})]
     assert teacher_row_for(rows, rows[2]) is rows[0]
     assert teacher_row_for(rows, rows[3]) is rows[1]
+    # a student of another teacher is read against that teacher's Heun row
+    rows += [dict(model="teacher-vp", method="heun", call={}, teacher="teacher-vp"),
+             dict(model="ctm-1-vp", method="ctm", call={}, teacher="teacher-vp")]
+    assert teacher_row_for(rows, rows[5]) is rows[4]

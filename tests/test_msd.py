@@ -159,7 +159,7 @@ def test_two_time_scale_rule_and_stages():
 def test_students_component_routes_a_mixed_batch_with_one_call_per_sample():
     nets = [MLPNet(in_dim=2, width=16, depth=1, num_class_embeds=5) for _ in range(2)]
     router = Router.for_classes(contiguous_partition(4, 2))
-    students = MSDStudents.from_networks(nets, router, 0.5, 80.0)
+    students = MSDStudents.from_networks(nets, router, EDMDenoiser(nets[0], 0.5))
     noise = torch.randn(6, 2) * 80
     labels = torch.tensor([3, 0, 1, 2, 2, 0])
     counters = [NFECounter(n) for n in students.networks]
@@ -168,8 +168,8 @@ def test_students_component_routes_a_mixed_batch_with_one_call_per_sample():
     assert [c.rows for c in counters] == [3, 3]                # each sample: one network call
     for i in range(6):
         k = int(router(labels[i:i + 1]))
-        torch.testing.assert_close(out[i:i + 1], one_step(nets[k], noise[i:i + 1],
-                                                           labels[i:i + 1]))
+        torch.testing.assert_close(out[i:i + 1], one_step(EDMDenoiser(nets[k], 0.5),
+                                                           noise[i:i + 1], labels[i:i + 1]))
 
 
 TINY = ["train.max_steps=12", "train.batch_size=32", "msd.num_pairs=32", "msd.pair_steps=4",
@@ -256,7 +256,7 @@ def test_prompt_students_route_by_the_pooled_text_embedding():
     nets = [build_network((1, 8, 8), cross_attention_dim=384, channels=(8, 16))
             for _ in range(2)]
     assert isinstance(nets[0], UNet2DConditionModel)
-    pipe = MSDPipeline(students=MSDStudents.from_networks(nets, router, 0.5, 80.0),
+    pipe = MSDPipeline(students=MSDStudents.from_networks(nets, router, EDMDenoiser(nets[0], 0.5)),
                        text_encoder_name=MINILM)
     out = pipe(prompt=prompts, output_type="pt", generator=torch.Generator().manual_seed(0))
     assert out.students == router(pooled).tolist()

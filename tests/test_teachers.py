@@ -14,9 +14,11 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMScheduler, EDMEulerSched
 from gendistill.config import Config, build, validate
 from gendistill.diffusion import (EDMDenoiser, FlowDenoiser, VPDenoiser, denoiser_from_scheduler,
                                   scheduler_config)
+from gendistill.models.msd import MSDStudents
 from gendistill.models.networks import build_network
 from gendistill.models.student import CTMStudent
-from gendistill.pipelines import CTMPipeline, TeacherPipeline
+from gendistill.partition import Router, contiguous_partition
+from gendistill.pipelines import CTMPipeline, MSDPipeline, TeacherPipeline
 from gendistill.train import run_training
 
 C = 0.5
@@ -34,6 +36,22 @@ SCHEDULERS = {
 def student_of(teacher, scheduler, net, embed_guidance=True):
     return CTMStudent.from_teacher(net, teacher.sigma_data, teacher.sigma_min, embed_guidance,
                                    teacher_scheduler=scheduler_config(scheduler))
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_msd_students_keep_their_teachers_parameterization(name, tmp_path):
+    scheduler = SCHEDULERS[name]()
+    net = build_network((1, 8, 8), num_classes=4, channels=(8, 16))
+    teacher = denoiser_from_scheduler(net, scheduler)
+    router = Router.for_classes(contiguous_partition(4, 2))
+    students = MSDStudents.from_networks([net, net], router, teacher)
+    students.save_pretrained(tmp_path)
+    students = MSDStudents.from_pretrained(tmp_path)
+    assert type(students.denoiser(1)) is type(teacher)
+    noise, y = teacher.sigma_max * torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():  # a student that is a copy of the teacher: D(sigma_max z, sigma_max)
+        expected = teacher(noise, torch.tensor(teacher.sigma_max), y)
+        assert (students(noise, y, router(y)) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -123,6 +141,24 @@ def test_ctm_student_of_a_flow_teacher_trains_saves_and_generates(tmp_path, gaus
     assert pipe.unet.config.teacher_scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     out = pipe(batch_size=8, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.samples.shape == (8, 2) and np.isfinite(out.samples).all()
+
+
+def test_msd_of_a_vp_teacher_trains_assembles_and_generates(tmp_path):
+    teacher_cfg = validate(build(Config, dict(
+        method="teacher", output_dir=str(tmp_path / "teacher"), data=dict(name="toy2d"),
+        network=dict(width=32, depth=2), diffusion=dict(parameterization="vp-v"),
+        train=dict(max_steps=20, batch_size=64, checkpoint_every=0, threads=1))))
+    teacher_folder = run_training(teacher_cfg)
+    cfg = validate(build(Config, dict(
+        method="msd", output_dir=str(tmp_path / "msd"), teacher=str(teacher_folder),
+        data=dict(name="toy2d"), msd=dict(num_students=2, num_pairs=16, pair_steps=3,
+                                          student_width=0.5, tsm_steps=2),
+        train=dict(max_steps=6, batch_size=16, checkpoint_every=0, threads=1))))
+    pipe = MSDPipeline.from_pretrained(run_training(cfg))
+    assert type(pipe.students.denoiser(0)) is VPDenoiser
+    out = pipe(class_labels=[0, 3], output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.samples.shape == (2, 2) and np.isfinite(out.samples).all()
+    assert out.students == [0, 1]
 
 
 def test_vp_teacher_folder_is_sampled_by_diffusers_own_pipeline(tmp_path):

@@ -58,6 +58,7 @@ class Denoiser(nn.Module):
     """
 
     sigma_data = SIGMA_DATA
+    scheduler_config: dict | None = None  # the diffusers scheduler the adapter was read from
 
     def __init__(self, net: nn.Module, null_cond: torch.Tensor | None = None,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX):
@@ -75,6 +76,11 @@ class Denoiser(nn.Module):
 
     def denoise(self, x, sigma, cond):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def around(self, net: nn.Module) -> "Denoiser":
+        """The same parameterisation around another network (a student's)."""
+        return parameterized(net, self.scheduler_config, self.sigma_data, self.sigma_min,
+                             self.sigma_max)
 
     def null_like(self, cond: torch.Tensor) -> torch.Tensor:
         if self.null_cond is None:
@@ -229,13 +235,19 @@ def denoiser_from_scheduler(net: nn.Module, scheduler, null_cond=None) -> Denois
     """Pick the adapter from a diffusers scheduler: EDM, flow matching, or discrete VP."""
     name, cfg = type(scheduler).__name__, scheduler.config
     if name.startswith("EDM"):
-        return EDMDenoiser(net, sigma_data=cfg.sigma_data, null_cond=null_cond,
-                           sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
-    if name.startswith("FlowMatch"):
-        return FlowDenoiser(net, num_train_timesteps=cfg.num_train_timesteps, null_cond=null_cond)
-    if hasattr(scheduler, "alphas_cumprod"):
-        return VPDenoiser(net, scheduler.alphas_cumprod, cfg.prediction_type, null_cond=null_cond)
-    raise TypeError(f"no teacher adapter for scheduler {name}; supported: {SUPPORTED_SCHEDULERS}")
+        denoiser = EDMDenoiser(net, sigma_data=cfg.sigma_data, null_cond=null_cond,
+                               sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    elif name.startswith("FlowMatch"):
+        denoiser = FlowDenoiser(net, num_train_timesteps=cfg.num_train_timesteps,
+                                null_cond=null_cond)
+    elif hasattr(scheduler, "alphas_cumprod"):
+        denoiser = VPDenoiser(net, scheduler.alphas_cumprod, cfg.prediction_type,
+                              null_cond=null_cond)
+    else:
+        raise TypeError(f"no teacher adapter for scheduler {name}; supported: "
+                        f"{SUPPORTED_SCHEDULERS}")
+    denoiser.scheduler_config = scheduler_config(scheduler)
+    return denoiser
 
 
 def scheduler_config(scheduler) -> dict:

@@ -24,6 +24,8 @@ from ..config import REPO_ROOT, Config, flatten, load_config, to_dict
 class Student:
     config: str                     # relative to the repository root
     overrides: list[str] = field(default_factory=list)
+    teacher: str = "teacher"        # the teacher it distils: "teacher" or a key of
+                                    # Preset.other_teachers
 
 
 @dataclass
@@ -46,6 +48,14 @@ class Preset:
     quick_overrides: list[str]      # applied to every training in --quick
     full_overrides: list[str] = field(default_factory=list)
     timing_batch: int = 64
+    other_teachers: dict[str, str] = field(default_factory=dict)  # name -> teacher config:
+                                    # teachers of other parameterisations, each a row source
+
+    def reference(self, row: Row) -> str:
+        """The teacher a row is read against: itself for a teacher, else its student's."""
+        if row.source == "teacher" or row.source in self.other_teachers:
+            return row.source
+        return self.students[row.source].teacher
 
 
 def _teacher_rows(steps: int) -> list[Row]:
@@ -89,10 +99,22 @@ def make_control(name: str, vocoder):
 
 
 def _ctm_rows() -> list[Row]:
-    return [Row("ctm-1", "ctm", "ctm", {"num_inference_steps": 1}),
-            Row("ctm-2", "ctm", "ctm", {"num_inference_steps": 2, "gamma": 0.0}),
-            Row("ctm-4-g0.5", "ctm", "ctm", {"num_inference_steps": 4, "gamma": 0.5}),
-            Row("ctm-1-l2", "ctm", "ctm-l2", {"num_inference_steps": 1})]
+    # omega = 1 named: a CFG-distilled student's pipeline defaults to 3.5, and every row is
+    # read against the teacher's row at its own omega
+    w = {"guidance_scale": 1.0}
+    return [Row("ctm-1", "ctm", "ctm", {"num_inference_steps": 1, **w}),
+            Row("ctm-2", "ctm", "ctm", {"num_inference_steps": 2, "gamma": 0.0, **w}),
+            Row("ctm-4-g0.5", "ctm", "ctm", {"num_inference_steps": 4, "gamma": 0.5, **w}),
+            Row("ctm-1-l2", "ctm", "ctm-l2", {"num_inference_steps": 1, **w})]
+
+
+def _any_teacher_rows(names: list[str]) -> list[Row]:
+    """Issue 10's rows: each other teacher's Heun-18 row, and the 1-step student distilled
+    from it, read against it."""
+    heun = {"num_inference_steps": 18, "sampler": "heun"}
+    return ([Row(f"teacher-{n}", "heun", f"teacher-{n}", heun) for n in names]
+            + [Row(f"ctm-1-{n}", "ctm", f"ctm-{n}", {"num_inference_steps": 1,
+                                                     "guidance_scale": 1.0}) for n in names])
 
 
 OLD_CTM_RECIPE = ["train.lr=2e-4", "ctm.denoising_weight=1.0"]
@@ -143,12 +165,17 @@ PRESETS = {
         quick_overrides=["train.max_steps=300"], timing_batch=256),
     "digits": Preset(
         dataset="digits", teacher_config="configs/teacher/digits.yaml",
-        students={"ctm": Student("configs/ctm/digits.yaml")},
+        students={"ctm": Student("configs/ctm/digits.yaml"),
+                  **{f"ctm-{n}": Student("configs/ctm/digits.yaml", teacher=f"teacher-{n}")
+                     for n in ("vp", "flow")}},
+        other_teachers={"teacher-vp": "configs/teacher/digits-vp.yaml",
+                        "teacher-flow": "configs/teacher/digits-flow.yaml"},
         # the CFG-distilled student at omega = 3, read against the teacher at omega = 3
         rows=_teacher_rows(18) + _ctm_rows()[:3] + [
             Row("teacher", "heun-w3", "teacher",
                 {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0}),
-            Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})],
+            Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})]
+        + _any_teacher_rows(["vp", "flow"]),
         num_samples=1000, quick_num_samples=300,
         quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
     # Why the 1-step toy2d student blurred (issue 7): one change per row against the old
@@ -218,16 +245,16 @@ def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, 
     return run_training(cfg)
 
 
-def teacher_folder(preset: Preset, quick: bool, cache_dir: Path, log) -> Path:
-    """The shipped teacher when the package has one (it is this config's output), else trained."""
+def teacher_folder(name: str, config: str, extra: list[str], cache_dir: Path, log) -> Path:
+    """The shipped teacher when the package has one (``configs/teacher/X.yaml`` is shipped as
+    ``teachers/X``), else trained."""
     from ..assets import ASSETS
 
-    shipped = ASSETS / "teachers" / preset.dataset
+    shipped = ASSETS / "teachers" / Path(config).stem
     if (shipped / "model_index.json").is_file():
-        log(f"teacher: shipped {shipped}")
+        log(f"{name}: shipped {shipped}")
         return shipped
-    extra = preset.quick_overrides if quick else preset.full_overrides
-    return train_cached("teacher", preset.teacher_config, extra, cache_dir, log)
+    return train_cached(name, config, extra, cache_dir, log)
 
 
 def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> tuple[float, float]:
@@ -312,9 +339,10 @@ def guidance_of(row: dict) -> float:
 
 
 def teacher_row_for(rows: list[dict], row: dict) -> dict:
-    """The teacher's Heun row a row is read against: the one at the same guidance scale omega
-    (a CFG-distilled student at omega = 3 against the teacher at omega = 3)."""
-    heun = [r for r in rows if r["model"] == "teacher" and r["method"].startswith("heun")]
+    """The Heun row of the row's own teacher it is read against: the one at the same guidance
+    scale omega (a CFG-distilled student at omega = 3 against the teacher at omega = 3)."""
+    teacher = row.get("teacher", "teacher")
+    heun = [r for r in rows if r["model"] == teacher and r["method"].startswith("heun")]
     return next((r for r in heun if guidance_of(r) == guidance_of(row)), heun[0])
 
 
@@ -337,12 +365,15 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
     torch.manual_seed(0)
     start = time.time()
 
-    folders = {"teacher": teacher_folder(preset, quick, cache_dir, log)}
+    extra = preset.quick_overrides if quick else preset.full_overrides
+    teachers = {"teacher": preset.teacher_config, **preset.other_teachers}
+    folders = {name: teacher_folder(name, config, extra, cache_dir, log)
+               for name, config in teachers.items()}
     train_seconds = {}
     for key, student in preset.students.items():
-        extra = student.overrides + (preset.quick_overrides if quick else preset.full_overrides)
         folders[key] = train_cached(key, student.config,
-                                    extra + [f"teacher={folders['teacher']}"], cache_dir, log)
+                                    student.overrides + extra
+                                    + [f"teacher={folders[student.teacher]}"], cache_dir, log)
         timing = folders[key].parent / "train_time.json"
         if timing.is_file():
             train_seconds[key] = json.loads(timing.read_text())["seconds"]
@@ -370,7 +401,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             extra["control_error"] = control_errors(pipe, timing_conditions, row,
                                                     call["control"])
         rows.append({
-            "model": row.model, "method": row.method,
+            "model": row.model, "method": row.method, "teacher": preset.reference(row),
             "params": student_parameters(pipe),
             "nfe": int(round(result["nfe"])), "ms_per_sample": round(ms, 4),
             "ms_per_sample_model": round(ms_model, 4),

@@ -22,8 +22,7 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data.conditioning import drop_conditions
 from ..diffusion import (Denoiser, append_dims, edm_loss_weight, full_precision, heun_step,
-                         karras_sigmas, sample_half_lognormal, sample_lognormal,
-                         scheduler_config)
+                         karras_sigmas, sample_half_lognormal, sample_lognormal)
 from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent
 from ..training.ema import EMA
@@ -175,8 +174,7 @@ class CTMTraining:
                                              embed_guidance=self.distill_guidance,
                                              s_log_scale=c.s_log_scale,
                                              guidance_embed_scale=c.guidance_embed_scale,
-                                             teacher_scheduler=scheduler_config(
-                                                 teacher_pipe.scheduler))
+                                             teacher_scheduler=teacher.scheduler_config)
         self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.train.lr)
         # theta-: the target network, its own EMA (the loop's EMA is what gets exported)

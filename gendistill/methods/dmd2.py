@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
-from ..diffusion import (SIGMA_DATA, Denoiser, EDMDenoiser, append_dims, append_zero,
+from ..config import Config
+from ..diffusion import (SIGMA_DATA, Denoiser, append_dims, append_zero,
                          bottleneck_module, cfg_denoise, edm_loss_weight, full_precision,
                          karras_sigmas, sample_heun, sample_lognormal, tap_features)
 from ..models.discriminator import FeatureDiscriminator
@@ -72,14 +72,12 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, co
 
 
 class FakeScore(nn.Module):
-    """mu_fake (a copy of the teacher's network, EDM-preconditioned) and, for the adversarial
-    stage, a classifier head on its bottleneck."""
+    """mu_fake (a copy of the teacher's network, in the teacher's parameterisation) and, for
+    the adversarial stage, a classifier head on its bottleneck."""
 
-    def __init__(self, network: nn.Module, sigma_data: float, sigma_min: float,
-                 sigma_max: float, head: bool, example=None):
+    def __init__(self, network: nn.Module, teacher: Denoiser, head: bool, example=None):
         super().__init__()
-        self.denoiser = EDMDenoiser(network, sigma_data=sigma_data, sigma_min=sigma_min,
-                                    sigma_max=sigma_max)
+        self.denoiser = teacher.around(network)
         self.head = None
         if head:
             with torch.no_grad():
@@ -156,16 +154,12 @@ class DMD2Training:
     def __init__(self, cfg: Config, teacher: Denoiser, null_cond, pairs: dict):
         m = cfg.msd
         self.cfg, self.null_cond, self.pairs = cfg, null_cond, pairs
-        if not isinstance(teacher, EDMDenoiser):
-            raise ConfigError(f"teacher: MSD students start from the teacher's weights and need "
-                              f"an EDM-preconditioned teacher, got {type(teacher).__name__}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.model = narrow_network(teacher.net, m.student_width).requires_grad_(True)
         example = (pairs["x"][:2], torch.ones(2),
                    None if pairs["cond"] is None else pairs["cond"][:2])
-        fake = FakeScore(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data,
-                         teacher.sigma_min, teacher.sigma_max, head=m.adversarial,
-                         example=example)
+        fake = FakeScore(copy.deepcopy(teacher.net).requires_grad_(True), teacher,
+                         head=m.adversarial, example=example)
         self.auxiliary = (fake, torch.optim.AdamW(fake.parameters(), lr=cfg.train.lr,
                                                   weight_decay=cfg.train.weight_decay))
         self.grid = karras_sigmas(DM_GRID_POINTS, teacher.sigma_min, teacher.sigma_max)
@@ -190,18 +184,17 @@ class DMD2Training:
             return "adversarial"
         return "dm"
 
-    def student_denoiser(self) -> EDMDenoiser:
-        """The student's network as a denoiser at every sigma (for TSM)."""
-        t = self.teacher
-        return EDMDenoiser(self.model, sigma_data=t.sigma_data, sigma_min=t.sigma_min,
-                           sigma_max=t.sigma_max)
+    def student_denoiser(self) -> Denoiser:
+        """The student's network as a denoiser at every sigma, in the teacher's
+        parameterisation (TSM; at sigma_max, the generator)."""
+        return self.teacher.around(self.model)
 
     def dm_sigmas(self, n: int, device) -> torch.Tensor:
         low, high = self.cfg.msd.dm_range
         return dm_sigmas(n, self.grid, low, high).to(device)
 
     def generate(self, noise, cond):
-        return one_step(self.model, noise, cond, self.teacher.sigma_max, self.teacher.sigma_data)
+        return one_step(self.student_denoiser(), noise, cond)
 
     def loss(self, batch, step):
         m = self.cfg.msd

@@ -39,7 +39,7 @@ def teacher_class_features(teacher, ds: Dataset) -> torch.Tensor:
     keep = torch.cat([(ds.y == c).nonzero().flatten()[:MAX_FEATURE_SAMPLES]
                       for c in range(ds.num_classes)])
     x, y = ds.x[keep], ds.y[keep]
-    sigma = torch.full((len(x),), float(getattr(teacher, "sigma_data", 0.5)))
+    sigma = torch.full((len(x),), float(teacher.sigma_data))
     g = torch.Generator().manual_seed(0)
     x_sigma = x + sigma.view(-1, *[1] * (x.ndim - 1)) * torch.randn(x.shape, generator=g)
     with tap_features(net, [bottleneck_module(net)]) as feats:
@@ -183,8 +183,7 @@ def assemble(cfg: Config, router: Router, teacher, teacher_pipe) -> Path:
     for folder in folders:
         name = json.loads((folder / "config.json").read_text())["_class_name"]
         networks.append(NETWORK_CLASSES[name].from_pretrained(folder))
-    students = MSDStudents.from_networks(networks, router, teacher.sigma_data,
-                                         teacher.sigma_max)
+    students = MSDStudents.from_networks(networks, router, teacher)
     pipe = MSDPipeline(students=students, vocoder=getattr(teacher_pipe, "vocoder", None),
                        text_encoder_name=teacher_pipe.config.text_encoder_name)
     final = out / "model"

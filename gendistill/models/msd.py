@@ -1,7 +1,8 @@
 """K one-step students as one diffusers component, with the router in its config (MSD).
 
-Student k is a raw network (a copy of the teacher's, or a narrower one after TSM) under the EDM
-preconditioning at sigma_max: x = D_k(sigma_max z, sigma_max, c) (DESIGN.md section 5). The
+Student k is a raw network (a copy of the teacher's, or a narrower one after TSM) in its
+teacher's parameterisation at sigma_max: x = D_k(sigma_max z, sigma_max, c) (DESIGN.md
+section 5). The
 router sends each condition to its student; each sample costs one network call.
 """
 from __future__ import annotations
@@ -12,27 +13,28 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MAX
-from ..diffusion.teachers import EDMDenoiser
+from ..diffusion.teachers import Denoiser, parameterized
 from ..partition import Router
 from .student import NETWORK_CLASSES
 
 
-def one_step(network: nn.Module, noise: torch.Tensor, cond=None, sigma_max: float = SIGMA_MAX,
-             sigma_data: float = SIGMA_DATA) -> torch.Tensor:
-    """The 1-step generator G(z, c) = D(sigma_max z, sigma_max, c) of an EDM network, for
-    ``noise`` = sigma_max z."""
-    denoiser = EDMDenoiser(network, sigma_data=sigma_data, sigma_max=sigma_max)
-    return denoiser(noise, torch.full((noise.shape[0],), sigma_max, device=noise.device,
-                                      dtype=noise.dtype), cond)
+def one_step(denoiser: Denoiser, noise: torch.Tensor, cond=None) -> torch.Tensor:
+    """The 1-step generator G(z, c) = D(sigma_max z, sigma_max, c), for ``noise`` =
+    sigma_max z."""
+    sigma = torch.full((noise.shape[0],), denoiser.sigma_max, device=noise.device,
+                       dtype=noise.dtype)
+    return denoiser(noise, sigma, cond)
 
 
 class MSDStudents(ModelMixin, ConfigMixin):
     """``networks[k]`` is student k; ``router`` (a ``gendistill.partition.Router`` state) maps
-    class labels or pooled prompt embeddings to k."""
+    class labels or pooled prompt embeddings to k; ``teacher_scheduler`` is the teacher's
+    scheduler config, whose parameterisation the students keep (None: EDM)."""
 
     @register_to_config
     def __init__(self, network_class: str, network_config: dict, router: dict,
-                 sigma_data: float = SIGMA_DATA, sigma_max: float = SIGMA_MAX):
+                 sigma_data: float = SIGMA_DATA, sigma_max: float = SIGMA_MAX,
+                 teacher_scheduler: dict | None = None):
         super().__init__()
         if network_class not in NETWORK_CLASSES:
             raise ValueError(f"unsupported student network {network_class!r} "
@@ -43,11 +45,12 @@ class MSDStudents(ModelMixin, ConfigMixin):
                                       for _ in range(self.router.num_students))
 
     @classmethod
-    def from_networks(cls, networks: list[nn.Module], router: Router, sigma_data: float,
-                      sigma_max: float) -> "MSDStudents":
+    def from_networks(cls, networks: list[nn.Module], router: Router, teacher: Denoiser
+                      ) -> "MSDStudents":
         first = networks[0]
         config = {k: v for k, v in first.config.items() if not k.startswith("_")}
-        students = cls(type(first).__name__, config, router.state, sigma_data, sigma_max)
+        students = cls(type(first).__name__, config, router.state, teacher.sigma_data,
+                       teacher.sigma_max, teacher.scheduler_config)
         if len(networks) != router.num_students:
             raise ValueError(f"{len(networks)} networks for a router of "
                              f"{router.num_students} students")
@@ -64,6 +67,12 @@ class MSDStudents(ModelMixin, ConfigMixin):
         """Student 0, whose config (shape, classes) every student shares."""
         return self.networks[0]
 
+    def denoiser(self, k: int) -> Denoiser:
+        """Student k's network in its teacher's parameterisation."""
+        c = self.config
+        return parameterized(self.networks[k], c.teacher_scheduler, c.sigma_data,
+                             sigma_max=c.sigma_max)
+
     def forward(self, noise: torch.Tensor, cond=None, student: torch.Tensor | None = None):
         """One call per sample: each row of ``noise`` (sigma_max z) through its student."""
         if student is None:
@@ -71,7 +80,6 @@ class MSDStudents(ModelMixin, ConfigMixin):
         out = torch.empty_like(noise)
         for k in student.unique().tolist():
             rows = (student == k).nonzero().flatten()
-            out[rows] = one_step(self.networks[k], noise[rows],
-                                 None if cond is None else cond[rows],
-                                 self.config.sigma_max, self.config.sigma_data)
+            out[rows] = one_step(self.denoiser(k), noise[rows],
+                                 None if cond is None else cond[rows])
         return out
