@@ -31,11 +31,15 @@ class DataConfig:
 
 @dataclass
 class NetworkConfig:
+    type: str = "unet"             # images: unet (diffusers UNets) or dit (DiTTransformer2DModel
+                                   # for class labels, PixArtTransformer2DModel for prompts)
     channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths
     layers_per_block: int = 1
     attention: bool = True
-    width: int = 256               # MLP width (vector data)
-    depth: int = 4                 # MLP residual blocks
+    width: int = 256               # MLP width (vector data); DiT token width
+    depth: int = 4                 # MLP residual blocks; DiT transformer blocks
+    heads: int = 4                 # DiT attention heads
+    patch_size: int = 2            # DiT patch size
 
 
 @dataclass
@@ -232,6 +236,7 @@ RANGES = {
     "seed": (0, 2 ** 32 - 1, False),
     "network.layers_per_block": (1, 16, False), "network.width": (1, 65536, False),
     "network.depth": (1, 256, False), "network.channels[]": (1, 65536, False),
+    "network.heads": (1, 1024, False), "network.patch_size": (1, 64, False),
     "train.max_steps": (1, INF, False), "train.batch_size": (1, 2 ** 20, False),
     "train.lr": (0, 1.0, True), "train.warmup_steps": (0, INF, False),
     "train.weight_decay": (0, 1.0, False), "train.ema_decay": (0, 1.0, False),
@@ -257,7 +262,7 @@ RANGES = {
     "msd.gan_generator_weight": (0, INF, False), "msd.gan_head_weight": (0, INF, False),
 }
 CHOICES = {
-    "method": METHODS, "data.name": ("toy2d", "digits", "synthsounds", "npz", "audiofolder"),
+    "method": METHODS, "network.type": ("unet", "dit"), "data.name": ("toy2d", "digits", "synthsounds", "npz", "audiofolder"),
     "data.kind": (None, "vector", "image", "audio"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "diffusion.parameterization": ("edm", "vp-eps", "vp-v", "flow"),

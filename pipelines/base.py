@@ -29,10 +29,15 @@ class SamplesOutput(BaseOutput):
     audios: object = None
 
 
-def base_config(net):
-    """The config of the diffusers-style network itself (a CTM student wraps one)."""
+def base_network(net):
+    """The diffusers-style network itself (a CTM student wraps one; of MSD students, the
+    first)."""
     inner = getattr(net, "network", None)
-    return inner.config if inner is not None else net.config
+    return net if inner is None else inner
+
+
+def base_config(net):
+    return base_network(net).config
 
 
 def network_sample_shape(net) -> tuple[int, ...]:
@@ -71,8 +76,12 @@ def custom_sigmas(sigmas, min_points: int = 2) -> torch.Tensor:
 
 
 def null_class(net) -> int | None:
-    """Class-conditional networks carry one extra embedding, the null class, at the end."""
-    n = getattr(base_config(net), "num_class_embeds", None)
+    """Class-conditional networks carry one extra embedding, the null class, at the end (a
+    DiT's label table has ``num_embeds_ada_norm`` classes and the null row after them)."""
+    cfg = base_config(net)
+    if type(base_network(net)).__name__ == "DiTTransformer2DModel":
+        return cfg.num_embeds_ada_norm
+    n = getattr(cfg, "num_class_embeds", None)
     return n - 1 if n else None
 
 

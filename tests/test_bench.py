@@ -69,7 +69,8 @@ def test_presets_have_the_required_rows():
     assert {("ctm-1-l2", "ctm"), ("ctm-1-gan", "ctm")} <= \
         {(r.model, r.method) for r in PRESETS["toy2d"].rows}
     assert {("teacher", "heun-w3"), ("ctm-1-w3", "ctm"), ("teacher-vp", "heun"),
-            ("teacher-flow", "heun"), ("ctm-1-vp", "ctm"), ("ctm-1-flow", "ctm")} <= \
+            ("teacher-flow", "heun"), ("teacher-dit", "heun"), ("ctm-1-vp", "ctm"),
+            ("ctm-1-flow", "ctm"), ("ctm-1-dit", "ctm")} <= \
         {(r.model, r.method) for r in PRESETS["digits"].rows}
     assert {("teacher", "heun"), ("teacher", "euler-1")} <= \
         {(r.model, r.method) for r in PRESETS["synthsounds"].rows}

@@ -36,8 +36,8 @@ class VPOracle(nn.Module):
         self.log_sigmas = np.log(np.sqrt((1 - ac) / ac))
         self.prediction_type = prediction_type
 
-    def forward(self, x_vp, t):
-        log_sigma = np.interp(t.double().numpy(), np.arange(len(self.log_sigmas)), self.log_sigmas)
+    def forward(self, x_vp, timestep):
+        log_sigma = np.interp(timestep.double().numpy(), np.arange(len(self.log_sigmas)), self.log_sigmas)
         sigma = torch.from_numpy(np.exp(log_sigma)).float()
         sb = bcast(sigma, x_vp)
         abar = 1 / (1 + sb ** 2)
@@ -58,8 +58,8 @@ class FlowOracle(nn.Module):
 
 
 class EDMOracle(nn.Module):
-    def forward(self, x_in, c_noise):
-        sigma = (4 * c_noise).exp()
+    def forward(self, x_in, timestep):
+        sigma = (4 * timestep).exp()  # EDM's c_noise = ln(sigma) / 4
         c_skip, c_out, c_in, _ = (bcast(c, x_in) for c in edm_scalings(sigma, 0.5))
         x = x_in / c_in
         return (optimal_x0(x, sigma) - c_skip * x) / c_out
@@ -167,7 +167,7 @@ def test_euler_one_step_is_the_denoiser():
 class CondNet(nn.Module):
     """Output = class label as a number, so each branch of CFG is visible."""
 
-    def forward(self, x, t, class_labels=None):
+    def forward(self, x, timestep, class_labels=None):
         return torch.zeros_like(x) + bcast(class_labels.float(), x)
 
 

@@ -177,3 +177,66 @@ def test_vp_teacher_folder_is_sampled_by_diffusers_own_pipeline(tmp_path):
         batch_size=2, num_inference_steps=3, output_type="np",
         generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (2, 8, 8, 1) and np.isfinite(out).all()
+
+
+def transformer(kind):
+    if kind == "dit":
+        return build_network((1, 8, 8), num_classes=10, network_type="dit", width=32, depth=3,
+                             heads=2)
+    return build_network((1, 8, 8), cross_attention_dim=24, network_type="dit", width=32,
+                         depth=3, heads=2)
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_transformer_student_is_its_teacher_at_step_zero(kind):
+    from gendistill.diffusion import feature_modules
+
+    net = transformer(kind).eval()  # a teacher is used in eval mode
+    scheduler = SCHEDULERS["vp-v"]()
+    teacher = denoiser_from_scheduler(net, scheduler)
+    student = student_of(teacher, scheduler, net).eval()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([10.0, 1.0, 0.1])
+    cond = torch.tensor([0, 4, 9]) if kind == "dit" else torch.randn(3, 5, 24)
+    with torch.no_grad():
+        expected = teacher(x, t, cond)
+        assert (student(x, t, 0.0, cond, 3.0) - expected).abs().max() <= 1e-5
+        # once trained, s reaches every block through the timestep embedding
+        for p in student.s_embedding.linear_2.parameters():
+            p.normal_()
+        moved = student(x, t, torch.full_like(t, 0.05), cond, return_denoised=True)
+        assert (moved - expected).abs().max() > 1e-3
+    # the SoundCTM distance taps each transformer block, fed the previous block's output
+    assert feature_modules(net) == list(net.transformer_blocks)
+    assert len(teacher.features(x, t, cond)) == 3
+
+
+def test_students_never_drop_dit_labels_themselves():
+    from gendistill.models.networks import without_label_dropout
+
+    scheduler = SCHEDULERS["edm"]()
+    net = transformer("dit")
+    student = student_of(denoiser_from_scheduler(net, scheduler), scheduler, net).train()
+    x, t, y = torch.randn(64, 1, 8, 8), torch.full((64,), 1.0), torch.arange(64) % 10
+    with torch.no_grad():
+        # diffusers' DiT replaces 10 % of the labels by the null class in training mode
+        assert not torch.equal(student(x, t, 0.5, y), student(x, t, 0.5, y))
+        without_label_dropout(student)
+        assert torch.equal(student(x, t, 0.5, y), student.eval()(x, t, 0.5, y))
+
+
+def test_dit_teacher_and_its_ctm_student_through_the_cli(tmp_path):
+    from test_cli import run  # the gendistill command in a subprocess, as a user runs it
+
+    dit = ["network.type=dit", "network.width=32", "network.depth=2", "network.heads=2"]
+    run("train", "configs/teacher/digits-vp.yaml", f"output_dir={tmp_path / 'teacher'}", *dit,
+        "train.max_steps=3", "train.batch_size=8", "train.checkpoint_every=0")
+    teacher = TeacherPipeline.from_pretrained(tmp_path / "teacher" / "model")
+    assert type(teacher.unet).__name__ == "DiTTransformer2DModel"
+    run("train", "configs/ctm/digits.yaml", f"output_dir={tmp_path / 'ctm'}",
+        f"teacher={tmp_path / 'teacher' / 'model'}", "ctm.num_grid=4", "train.max_steps=2",
+        "train.batch_size=4", "train.checkpoint_every=0")
+    proc = run("generate", str(tmp_path / "ctm" / "model"), "--class", "7", "--num-samples", "2",
+               "--out", str(tmp_path / "seven.png"))
+    assert (tmp_path / "seven.png").stat().st_size > 100, proc.stdout
+    pipe = CTMPipeline.from_pretrained(tmp_path / "ctm" / "model")
+    assert type(pipe.unet.parameterization) is VPDenoiser

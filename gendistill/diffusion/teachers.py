@@ -20,33 +20,77 @@ def is_class_cond(cond) -> bool:
 
 
 def call_network(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond=None):
-    """Call a diffusers-style network with class labels (int tensor) or token states (float)."""
+    """Call a diffusers-style network with class labels (int tensor) or token states (float).
+    The timestep goes by name: transformers take ``encoder_hidden_states`` second."""
     if cond is None:
-        out = net(x, timestep)
+        out = net(x, timestep=timestep)
     elif is_class_cond(cond):
-        out = net(x, timestep, class_labels=cond)
+        out = net(x, timestep=timestep, class_labels=cond)
     else:
-        out = net(x, timestep, encoder_hidden_states=cond)
+        out = net(x, timestep=timestep, encoder_hidden_states=cond)
     return out.sample if hasattr(out, "sample") else out
 
 
+SUPPORTED_NETWORKS = ("UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, "
+                      "PixArtTransformer2DModel and gendistill's MLPNet")
+
+
+def _unknown(net: nn.Module, what: str) -> TypeError:
+    return TypeError(f"no {what} known for {type(net).__name__}; supported networks: "
+                     f"{SUPPORTED_NETWORKS}")
+
+
 def feature_modules(net: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs are the network's features: UNet blocks or MLP hidden layers."""
+    """The modules whose outputs are the network's features: UNet blocks, transformer blocks
+    (each fed the previous one's output) or MLP hidden layers."""
     if hasattr(net, "down_blocks"):
         return [*net.down_blocks, net.mid_block, *net.up_blocks]
+    if hasattr(net, "transformer_blocks"):
+        return list(net.transformer_blocks)
     if hasattr(net, "hidden_layers"):
         return list(net.hidden_layers)
-    raise TypeError(f"no feature taps known for {type(net).__name__}")
+    raise _unknown(net, "feature taps")
 
 
 def bottleneck_module(net: nn.Module) -> nn.Module:
-    """The network's bottleneck: a UNet's mid block, an MLP's middle hidden layer (DMD2's
-    classifier head reads it)."""
+    """The network's bottleneck: a UNet's mid block, the middle transformer block or MLP hidden
+    layer (DMD2's classifier head reads it)."""
     if getattr(net, "mid_block", None) is not None:
         return net.mid_block
-    if hasattr(net, "hidden_layers"):
-        return net.hidden_layers[len(net.hidden_layers) // 2]
-    raise TypeError(f"no bottleneck known for {type(net).__name__}")
+    layers = getattr(net, "transformer_blocks", None) or getattr(net, "hidden_layers", None)
+    if layers is not None:
+        return layers[len(layers) // 2]
+    raise _unknown(net, "bottleneck")
+
+
+def time_embedding_modules(net: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are the network's timestep embedding (a CTM student adds its
+    s and omega embeddings to them): a UNet's or MLP's ``time_embedding``, PixArt's
+    ``adaln_single.emb``, or every DiT block's own timestep + label embedding."""
+    if hasattr(net, "time_embedding"):
+        return [net.time_embedding]
+    if hasattr(net, "adaln_single"):
+        return [net.adaln_single.emb]
+    if hasattr(net, "transformer_blocks") and getattr(net.transformer_blocks[0].norm1, "emb",
+                                                      None) is not None:
+        return [block.norm1.emb for block in net.transformer_blocks]
+    raise _unknown(net, "timestep embedding")
+
+
+def time_embedding_dim(net: nn.Module) -> int:
+    if hasattr(net, "time_embedding"):
+        return net.time_embedding.linear_2.out_features
+    if hasattr(net, "inner_dim"):  # transformers: the embedding has the token width
+        return net.inner_dim
+    raise _unknown(net, "timestep embedding")
+
+
+def output_layer(net: nn.Module) -> nn.Parameter:
+    """The weight of the network's last layer (CTM's adaptive weights are measured on it)."""
+    for name in ("conv_out", "proj_out_2", "proj_out"):
+        if isinstance(getattr(net, name, None), nn.Module):
+            return getattr(net, name).weight
+    raise _unknown(net, "output layer")
 
 
 class Denoiser(nn.Module):

@@ -108,7 +108,11 @@ def _ctm_rows() -> list[Row]:
             Row("ctm-1-l2", "ctm", "ctm-l2", {"num_inference_steps": 1, **w})]
 
 
-def _any_teacher_rows(names: list[str]) -> list[Row]:
+# issue 10's other teachers of the digits: VP epsilon, flow matching, EDM on a DiT
+ANY_TEACHER = ("vp", "flow", "dit")
+
+
+def _any_teacher_rows(names) -> list[Row]:
     """Issue 10's rows: each other teacher's Heun-18 row, and the 1-step student distilled
     from it, read against it."""
     heun = {"num_inference_steps": 18, "sampler": "heun"}
@@ -167,15 +171,14 @@ PRESETS = {
         dataset="digits", teacher_config="configs/teacher/digits.yaml",
         students={"ctm": Student("configs/ctm/digits.yaml"),
                   **{f"ctm-{n}": Student("configs/ctm/digits.yaml", teacher=f"teacher-{n}")
-                     for n in ("vp", "flow")}},
-        other_teachers={"teacher-vp": "configs/teacher/digits-vp.yaml",
-                        "teacher-flow": "configs/teacher/digits-flow.yaml"},
+                     for n in ANY_TEACHER}},
+        other_teachers={f"teacher-{n}": f"configs/teacher/digits-{n}.yaml" for n in ANY_TEACHER},
         # the CFG-distilled student at omega = 3, read against the teacher at omega = 3
         rows=_teacher_rows(18) + _ctm_rows()[:3] + [
             Row("teacher", "heun-w3", "teacher",
                 {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0}),
             Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})]
-        + _any_teacher_rows(["vp", "flow"]),
+        + _any_teacher_rows(ANY_TEACHER),
         num_samples=1000, quick_num_samples=300,
         quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
     # Why the 1-step toy2d student blurred (issue 7): one change per row against the old

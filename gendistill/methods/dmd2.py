@@ -100,13 +100,19 @@ class FakeScore(nn.Module):
 
 
 def narrow_network(network: nn.Module, width: float) -> nn.Module:
-    """A fresh network of the teacher's architecture with its channels (UNet) or hidden width
-    (MLP) scaled by ``width`` (TSM students); 1.0 is a copy of the teacher."""
+    """A fresh network of the teacher's architecture with its channels (UNet), attention heads
+    (DiT) or hidden width (MLP) scaled by ``width`` (TSM students); 1.0 is a copy of the
+    teacher."""
     if width == 1.0:
         return copy.deepcopy(network)
     config = dict(network.config)
     if isinstance(network, MLPNet):
         config["width"] = max(1, round(config["width"] * width))
+    elif "num_attention_heads" in config:
+        heads = max(1, round(config["num_attention_heads"] * width))
+        if config.get("cross_attention_dim"):  # PixArt attends to captions at the token width
+            config["cross_attention_dim"] = heads * config["attention_head_dim"]
+        config["num_attention_heads"] = heads
     else:
         groups = config.get("norm_num_groups") or 1
         channels = [max(groups, round(c * width / groups) * groups)

@@ -167,7 +167,7 @@ def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: 
 def assemble(cfg: Config, router: Router, teacher, teacher_pipe) -> Path:
     """Every student's network + the router -> one MSDPipeline in ``output_dir/model``."""
     from ..models.msd import MSDStudents
-    from ..models.student import NETWORK_CLASSES
+    from ..models.networks import NETWORK_CLASSES
     from ..pipelines import MSDPipeline
     from ..pipelines.remote import save_with_remote_code
 

@@ -72,7 +72,8 @@ def network_for(cfg: Config, ds: Dataset, text_dim: int | None = None):
     return build_network(ds.shape, num_classes=ds.num_classes if ds.conditioning == "class" else None,
                          cross_attention_dim=text_dim if ds.conditioning == "text" else None,
                          channels=n.channels, layers_per_block=n.layers_per_block,
-                         attention=n.attention, width=n.width, depth=n.depth)
+                         attention=n.attention, width=n.width, depth=n.depth,
+                         network_type=n.type, heads=n.heads, patch_size=n.patch_size)
 
 
 class TeacherTraining:

@@ -15,7 +15,7 @@ from torch import nn
 from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MAX
 from ..diffusion.teachers import Denoiser, parameterized
 from ..partition import Router
-from .student import NETWORK_CLASSES
+from .networks import NETWORK_CLASSES
 
 
 def one_step(denoiser: Denoiser, noise: torch.Tensor, cond=None) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Raw networks F(x, timestep, cond) in the diffusers calling convention.
 
 Images use diffusers' own UNets (``UNet2DModel`` for class labels, ``UNet2DConditionModel`` for
-text cross-attention); vectors use ``MLPNet``. The EDM preconditioning that turns any of them
-into a denoiser lives in ``gendistill.diffusion.teachers.EDMDenoiser``.
+text cross-attention) or transformers (``network.type=dit``: ``DiTTransformer2DModel`` for class
+labels, ``PixArtTransformer2DModel`` for text); vectors use ``MLPNet``. The adapters that turn
+any of them into a denoiser live in ``gendistill.diffusion.teachers``.
 """
 from __future__ import annotations
 
 import torch
-from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import (DiTTransformer2DModel, ModelMixin, PixArtTransformer2DModel,
+                       UNet2DConditionModel, UNet2DModel)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import LabelEmbedding, TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
@@ -60,10 +62,51 @@ class MLPNet(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
+NETWORK_CLASSES = {c.__name__: c for c in (UNet2DModel, UNet2DConditionModel, MLPNet,
+                                            DiTTransformer2DModel, PixArtTransformer2DModel)}
+NETWORK_TYPES = ("unet", "dit")
+
+
+def without_label_dropout(net: nn.Module) -> nn.Module:
+    """DiT's label embedding drops 10 % of the labels itself in training mode; gendistill drops
+    conditions where the method says so (the teacher's CFG dropout), never inside a student."""
+    for module in net.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return net
+
+
+def build_transformer(data_shape: tuple[int, ...], num_classes: int | None,
+                      text_dim: int | None, width: int, depth: int, heads: int,
+                      patch_size: int) -> ModelMixin:
+    """A diffusers DiT of ``depth`` blocks of ``width`` channels on ``patch_size`` patches:
+    ``DiTTransformer2DModel`` (class labels; its label table's extra row is the null class) or
+    ``PixArtTransformer2DModel`` (text token states, projected to the width)."""
+    channels_in, height, _width = data_shape
+    if width % heads:
+        raise ValueError(f"network.width ({width}) must be a multiple of network.heads ({heads})")
+    if height % patch_size:
+        raise ValueError(f"network.patch_size ({patch_size}) must divide the sample size "
+                         f"({height})")
+    common = dict(num_attention_heads=heads, attention_head_dim=width // heads,
+                  in_channels=channels_in, out_channels=channels_in, num_layers=depth,
+                  sample_size=height, patch_size=patch_size)
+    if text_dim:
+        return PixArtTransformer2DModel(cross_attention_dim=width, caption_channels=text_dim,
+                                        use_additional_conditions=False, **common)
+    if not num_classes:
+        raise ValueError("network.type=dit needs class labels or prompts (DiTTransformer2DModel "
+                         "is class-conditional)")
+    return DiTTransformer2DModel(num_embeds_ada_norm=num_classes, **common)
+
+
 def build_network(data_shape: tuple[int, ...], num_classes: int | None = None,
                   cross_attention_dim: int | None = None, channels=(32, 64), layers_per_block=1,
-                  attention: bool = True, width: int = 256, depth: int = 4) -> ModelMixin:
-    """The raw network for one sample shape: MLP for vectors, a diffusers UNet for (C, H, W).
+                  attention: bool = True, width: int = 256, depth: int = 4,
+                  network_type: str = "unet", heads: int = 4, patch_size: int = 2
+                  ) -> ModelMixin:
+    """The raw network for one sample shape: MLP for vectors, a diffusers UNet or DiT
+    (``network_type``) for (C, H, W).
 
     Class-conditional networks get one extra class embedding, the null class used by CFG.
     """
@@ -73,6 +116,12 @@ def build_network(data_shape: tuple[int, ...], num_classes: int | None = None,
                       num_class_embeds=num_class_embeds)
     if len(data_shape) != 3:
         raise ValueError(f"cannot build a network for samples of shape {tuple(data_shape)}")
+    if network_type not in NETWORK_TYPES:
+        raise ValueError(f"network.type must be one of {', '.join(NETWORK_TYPES)}, got "
+                         f"{network_type!r}")
+    if network_type == "dit":
+        return build_transformer(data_shape, num_classes, cross_attention_dim, width, depth,
+                                 heads, patch_size)
     channels_in, height, _width = data_shape
     channels = tuple(int(c) for c in channels)
     groups = min(8, channels[0])

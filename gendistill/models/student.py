@@ -11,16 +11,15 @@ from __future__ import annotations
 from functools import cached_property
 
 import torch
-from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MIN, append_dims
-from ..diffusion.teachers import Denoiser, feature_modules, parameterized
-from .networks import MLPNet
-
-NETWORK_CLASSES = {c.__name__: c for c in (UNet2DModel, UNet2DConditionModel, MLPNet)}
+from ..diffusion.teachers import (Denoiser, feature_modules, output_layer, parameterized,
+                                  time_embedding_dim, time_embedding_modules)
+from .networks import NETWORK_CLASSES
 
 
 def zero_init_embedding(dim_in: int, dim: int) -> TimestepEmbedding:
@@ -53,7 +52,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
             raise ValueError(f"unsupported student network {network_class!r} "
                              f"(known: {', '.join(NETWORK_CLASSES)})")
         self.network = NETWORK_CLASSES[network_class].from_config(network_config)
-        dim = self.network.time_embedding.linear_2.out_features
+        dim = time_embedding_dim(self.network)
         self.s_proj = Timesteps(embedding_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.s_embedding = zero_init_embedding(embedding_channels, dim)
         if embed_guidance:
@@ -62,7 +61,8 @@ class CTMStudent(ModelMixin, ConfigMixin):
             self.guidance_embedding = zero_init_embedding(embedding_channels, dim)
         self._extra_embedding = None
         # the extra embeddings join the network's own time embedding, wherever it is used
-        self.network.time_embedding.register_forward_hook(self._add_extra_embedding)
+        for module in time_embedding_modules(self.network):
+            module.register_forward_hook(self._add_extra_embedding)
 
     @classmethod
     def from_teacher(cls, network: nn.Module, sigma_data: float, sigma_min: float,
@@ -135,4 +135,4 @@ class CTMStudent(ModelMixin, ConfigMixin):
     @property
     def last_layer(self) -> nn.Parameter:
         """The weight of the network's output layer (for CTM's adaptive DSM weight)."""
-        return self.network.conv_out.weight
+        return output_layer(self.network)

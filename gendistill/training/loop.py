@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, flatten, to_dict
+from ..models.networks import without_label_dropout
 from .ema import EMA
 
 log = logging.getLogger("gendistill")
@@ -157,6 +158,9 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     set_seed(cfg.seed, device_specific=True)
     tc = cfg.train
     model = method.model
+    auxiliary = getattr(method, "auxiliary", None)
+    for trained in (model, *(auxiliary[:1] if auxiliary is not None else ())):
+        without_label_dropout(trained)
     optimizer = getattr(method, "optimizer", None) or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=tc.lr,
         weight_decay=tc.weight_decay)
@@ -164,7 +168,6 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     method.model = model
-    auxiliary = getattr(method, "auxiliary", None)
     if auxiliary is not None:
         auxiliary = method.auxiliary = accelerator.prepare(*auxiliary)
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay).to(accelerator.device)
