@@ -16,8 +16,10 @@ class SamplesOutput(BaseOutput):
     """``samples``: images (PIL list / array / tensor), waveforms (with ``sample_rate``) or vectors.
 
     The same samples are also ``images`` (image pipelines) or ``audios`` (audio pipelines), the
-    names diffusers users know. ``latents`` are the raw model-space samples; ``conditions`` the
-    class label or prompt of each; ``students`` (MSD) the index of the student that made each.
+    names diffusers users know. ``latents`` are the raw samples in the data's space (images in
+    [-1, 1], mel spectrograms, vectors: what the metrics read); a latent pipeline's have been
+    decoded by its VAE, and ``vae_latents`` holds them undecoded. ``conditions``: the class
+    label or prompt of each; ``students`` (MSD): the index of the student that made each.
     """
 
     samples: object
@@ -27,6 +29,7 @@ class SamplesOutput(BaseOutput):
     students: list | None = None
     images: object = None
     audios: object = None
+    vae_latents: torch.Tensor | None = None
 
 
 def base_network(net):
@@ -49,10 +52,21 @@ def network_sample_shape(net) -> tuple[int, ...]:
     return (cfg.in_channels, h, w)
 
 
+def data_shape(pipe) -> tuple[int, ...]:
+    """The shape of one sample in the data's space: the network's, or for a latent pipeline
+    what its VAE decodes the network's latents to."""
+    shape = network_sample_shape(pipe.network)
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return shape
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (vae.config.out_channels, shape[1] * factor, shape[2] * factor)
+
+
 def mismatch(pipe, ds) -> str | None:
     """Why a pipeline's samples do not fit a dataset (shape, conditioning, classes), or None."""
     net = pipe.network
-    shape = tuple(network_sample_shape(net))
+    shape = tuple(data_shape(pipe))
     if shape != tuple(ds.shape):
         return f"makes samples of shape {shape}, dataset {ds.name} has {tuple(ds.shape)}"
     if pipe.conditioning != ds.conditioning:
@@ -166,15 +180,40 @@ class ConditionalPipeline(DiffusionPipeline):
             z = z.to(self.device, self.network.dtype)
         return sigma * z
 
-    def postprocess(self, x: torch.Tensor, conditions: list, output_type: str = "pil",
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Data space -> the network's space: a latent pipeline's VAE latents (a sample of the
+        posterior, times the VAE's scaling factor); the data itself otherwise."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return x
+        vae.to(x.device)
+        with torch.no_grad():
+            posterior = vae.encode(x.to(vae.dtype)).latent_dist
+            return (posterior.sample() * vae.config.scaling_factor).to(x.dtype)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The network's space -> data space (a latent pipeline's VAE decoder)."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return z
+        with torch.no_grad():
+            return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
+
+    def postprocess(self, z: torch.Tensor, conditions: list, output_type: str = "pil",
                     return_dict: bool = True, students: list | None = None):
-        """Model space -> user space: images in [0, 1] / PIL, waveforms via the vocoder, vectors."""
+        """Model space -> user space: a latent pipeline's VAE decoding, then images in [0, 1] /
+        PIL, waveforms via the vocoder, vectors. ``output_type="latent"`` stops before the
+        user space (before the VAE, as in diffusers)."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        x = self.decode(z)
+        vae_latents = z if getattr(self, "vae", None) is not None else None
         vocoder = getattr(self, "vocoder", None)
         sample_rate, kind = None, None
-        if output_type == "latent" or x.ndim == 2:
-            samples = x if output_type in ("pt", "latent") else x.float().cpu().numpy()
+        if output_type == "latent":
+            samples = z
+        elif x.ndim == 2:
+            samples = x if output_type == "pt" else x.float().cpu().numpy()
         elif vocoder is not None:
             waves = vocoder(x.float())
             sample_rate, kind = vocoder.config.sample_rate, "audios"
@@ -191,6 +230,7 @@ class ConditionalPipeline(DiffusionPipeline):
             return (samples,)
         named = {kind: samples} if kind else {}
         return SamplesOutput(samples=samples, latents=x, conditions=conditions,
-                             sample_rate=sample_rate, students=students, **named)
+                             sample_rate=sample_rate, students=students, vae_latents=vae_latents,
+                             **named)
 
 

@@ -82,13 +82,13 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
 class CTMPipeline(ConditionalPipeline):
     """One network call per step: x <- G(x, t, s) with gamma-sampling and nu-interpolation."""
 
-    model_cpu_offload_seq = "unet"
-    _optional_components = ["vocoder"]
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vocoder", "vae"]
 
     def __init__(self, unet, scheduler: CTMScheduler, vocoder=None,
-                 text_encoder_name: str | None = None):
+                 text_encoder_name: str | None = None, vae=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder)
+        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder, vae=vae)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
     def jump(self, x, t, s, cond, guidance, nu: float, uncond=None, return_estimate=False):
@@ -128,6 +128,9 @@ class CTMPipeline(ConditionalPipeline):
         uncond = self.negative_condition(negative_prompt, len(conditions), nu)
         if control is not None and getattr(self, "vocoder", None) is None:
             raise ValueError("control works on audio: this pipeline has no vocoder")
+        if control is not None and getattr(self, "vae", None) is not None:
+            raise ValueError("control reads mel spectrograms: a latent pipeline's samples "
+                             "are VAE latents")
         self.scheduler.set_timesteps(num_inference_steps, gamma, device=self.device,
                                      sigmas=sigmas)
         num_inference_steps = len(self.scheduler.timesteps)

@@ -1,6 +1,8 @@
 """TeacherPipeline: a diffusion network + its diffusers scheduler, sampled by an ODE solver.
 
-The folder is an ordinary diffusers folder (``unet``, ``scheduler``, optional ``vocoder``).
+The folder is an ordinary diffusers folder (``unet``, ``scheduler``, optional ``vocoder``, and
+for a latent teacher such as Stable Diffusion or AudioLDM an ``AutoencoderKL`` as ``vae``: the
+network works on its latents, and the samples are decoded by it).
 Any scheduler the adapters know works: EDM (our own teachers), DDPM/DDIM-style VP with
 epsilon / v / sample prediction, and flow matching.
 """
@@ -14,12 +16,13 @@ from .base import ConditionalPipeline, custom_sigmas
 
 
 class TeacherPipeline(ConditionalPipeline):
-    model_cpu_offload_seq = "unet"
-    _optional_components = ["vocoder"]
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vocoder", "vae"]
 
-    def __init__(self, unet, scheduler, vocoder=None, text_encoder_name: str | None = None):
+    def __init__(self, unet, scheduler, vocoder=None, text_encoder_name: str | None = None,
+                 vae=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder)
+        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder, vae=vae)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
     def denoiser(self):

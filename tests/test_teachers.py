@@ -224,6 +224,7 @@ def test_students_never_drop_dit_labels_themselves():
         assert torch.equal(student(x, t, 0.5, y), student.eval()(x, t, 0.5, y))
 
 
+@pytest.mark.slow
 def test_dit_teacher_and_its_ctm_student_through_the_cli(tmp_path):
     from test_cli import run  # the gendistill command in a subprocess, as a user runs it
 
@@ -240,3 +241,51 @@ def test_dit_teacher_and_its_ctm_student_through_the_cli(tmp_path):
     assert (tmp_path / "seven.png").stat().st_size > 100, proc.stdout
     pipe = CTMPipeline.from_pretrained(tmp_path / "ctm" / "model")
     assert type(pipe.unet.parameterization) is VPDenoiser
+
+
+def tiny_audioldm(folder):
+    """An AudioLDM-shaped teacher, randomly initialised real diffusers components: a
+    VAE over the 1 x 32 x 32 mel spectrogram (4 x 16 x 16 latents), a text UNet on the latents,
+    a VP epsilon scheduler, the vocoder and the text encoder by name."""
+    from diffusers import AutoencoderKL
+
+    from gendistill.data import load_dataset
+    from gendistill.pipelines import MelVocoder
+    from gendistill.pipelines.text import MINILM
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=32)
+    unet = build_network((4, 16, 16), cross_attention_dim=384, channels=(8, 16))
+    vocoder = MelVocoder.from_config(load_dataset("synthsounds", "test").vocoder)
+    TeacherPipeline(unet, DDPMScheduler(), vocoder, text_encoder_name=MINILM,
+                    vae=vae).save_pretrained(folder)
+    return vae
+
+
+@pytest.mark.slow
+def test_latent_teacher_is_distilled_in_latent_space_and_decoded_by_its_vae(tmp_path):
+    from test_cli import run
+
+    vae = tiny_audioldm(tmp_path / "teacher")
+    teacher = TeacherPipeline.from_pretrained(tmp_path / "teacher")
+    out = teacher(prompt="a quiet low hum", num_inference_steps=2, output_type="latent")
+    assert out.samples.shape == (1, 4, 16, 16)                        # diffusers' meaning
+    assert out.latents.shape == (1, 1, 32, 32)                        # decoded mel
+    torch.testing.assert_close(out.latents, teacher.decode(out.vae_latents))
+    run("train", "configs/ctm/synthsounds.yaml", f"output_dir={tmp_path / 'ctm'}",
+        f"teacher={tmp_path / 'teacher'}", "ctm.num_grid=4", "ctm.max_jump=2",
+        "train.max_steps=2", "train.batch_size=4", "train.checkpoint_every=0")
+    student = CTMPipeline.from_pretrained(tmp_path / "ctm" / "model")
+    assert type(student.unet.parameterization) is VPDenoiser
+    for name, weight in vae.state_dict().items():                     # the teacher's own VAE
+        torch.testing.assert_close(student.vae.state_dict()[name], weight)
+    run("generate", str(tmp_path / "ctm" / "model"), "--prompt", "a loud high beep",
+        "--num-samples", "1", "--out", str(tmp_path / "beep.wav"))
+    import soundfile as sf
+
+    wave, rate = sf.read(tmp_path / "beep.wav")
+    assert rate == student.vocoder.config.sample_rate
+    assert len(wave) == student.vocoder.config.num_samples and np.isfinite(wave).all()

@@ -212,6 +212,7 @@ class CTMTraining:
     def loss(self, batch, step):
         c = self.cfg.ctm
         x0, cond = batch if len(batch) == 2 else (batch[0], None)
+        x0 = self.teacher_pipe.encode(x0)  # a latent teacher's space
         device, n = x0.device, x0.shape[0]
         self.teacher.to(device)
         self.target.to(device)
@@ -265,7 +266,8 @@ class CTMTraining:
         if not self.gan_active(step) or self.fake is None:
             return None, {}
         discriminator = self.auxiliary[0]  # as the loop prepared it (DDP-wrapped on GPUs)
-        real = discriminator_logits(self.teacher, discriminator, batch[0], self.fake_cond)
+        real = discriminator_logits(self.teacher, discriminator,
+                                    self.teacher_pipe.encode(batch[0]), self.fake_cond)
         fake = discriminator_logits(self.teacher, discriminator, self.fake, self.fake_cond)
         loss = hinge_discriminator_loss(real, fake)
         return loss, {"disc": loss.detach(), "d_real": real.mean().detach(),
@@ -282,5 +284,6 @@ class CTMTraining:
         text_to_sound = vocoder is not None and text_encoder_name is not None
         pipeline_class = SoundCTMPipeline if text_to_sound else CTMPipeline
         pipe = pipeline_class(unet=student, scheduler=scheduler, vocoder=vocoder,
-                              text_encoder_name=text_encoder_name)
+                              text_encoder_name=text_encoder_name,
+                              vae=getattr(self.teacher_pipe, "vae", None))
         save_with_remote_code(pipe, folder)

@@ -207,6 +207,9 @@ def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
+    if getattr(teacher_pipe, "vae", None) is not None:
+        raise ConfigError("teacher: MSD students of a latent teacher (one with a VAE) are not "
+                          "supported yet; CTM students are (method: ctm)")
     teacher = teacher_pipe.denoiser().eval().requires_grad_(False)
     router = build_router(cfg, ds, teacher)
     out.mkdir(parents=True, exist_ok=True)
