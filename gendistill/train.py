@@ -56,6 +56,16 @@ def load_teacher(cfg: Config):
     if not isinstance(pipe, TeacherPipeline):
         raise ConfigError(f"teacher: {path} holds a {type(pipe).__name__}, not a teacher "
                           f"(distil a teacher, not a student)")
+    from .diffusion.teachers import SUPPORTED_NETWORKS
+    from .models.networks import NETWORK_CLASSES
+
+    if type(pipe.unet).__name__ not in NETWORK_CLASSES:
+        raise ConfigError(f"teacher: {path} has a {type(pipe.unet).__name__} network; "
+                          f"supported: {SUPPORTED_NETWORKS}")
+    try:
+        pipe.denoiser()  # an adapter for its scheduler
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"teacher: {path}: {e}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

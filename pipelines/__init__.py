@@ -20,7 +20,7 @@ __all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "LoudnessContro
 def load_pipeline(path, **kwargs):
     """Load a model folder: a gendistill pipeline by the class in its model_index.json, or any
     diffusers pipeline with a ``unet`` and a ``scheduler`` (DDPM, DDIM, flow matching, EDM, ...)
-    wrapped as a ``TeacherPipeline``. A training run's ``output_dir`` stands for its
+    and optionally a ``vae`` (a latent teacher) wrapped as a ``TeacherPipeline``. A training run's ``output_dir`` stands for its
     ``model/``."""
     import json
 
@@ -43,7 +43,15 @@ def load_pipeline(path, **kwargs):
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
         raise ValueError(f"{index}: {name} has no unet and scheduler to use as a teacher")
-    return TeacherPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is not None:
+        from .text import MINILM
+
+        raise ValueError(f"{index}: {name}'s text encoder ({type(encoder).__name__}) is not "
+                         f"supported; gendistill's text-conditional teachers encode prompts with "
+                         f"{MINILM}")
+    return TeacherPipeline(unet=pipe.unet, scheduler=pipe.scheduler,
+                           vae=getattr(pipe, "vae", None))
 
 
 def model_folder(path):

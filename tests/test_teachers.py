@@ -289,3 +289,19 @@ def test_latent_teacher_is_distilled_in_latent_space_and_decoded_by_its_vae(tmp_
     wave, rate = sf.read(tmp_path / "beep.wav")
     assert rate == student.vocoder.config.sample_rate
     assert len(wave) == student.vocoder.config.num_samples and np.isfinite(wave).all()
+
+
+def test_unsupported_scheduler_or_network_is_a_one_line_error(tmp_path):
+    from diffusers import CMStochasticIterativeScheduler, UNet1DModel
+    from test_cli import run
+
+    net = build_network((1, 8, 8), num_classes=10, channels=(8, 16))
+    TeacherPipeline(net, CMStochasticIterativeScheduler()).save_pretrained(tmp_path / "cm")
+    TeacherPipeline(UNet1DModel(), DDPMScheduler()).save_pretrained(tmp_path / "unet1d")
+    for folder, message in (("cm", "no teacher adapter for scheduler "
+                                   "CMStochasticIterativeScheduler; supported: EDM"),
+                            ("unet1d", "has a UNet1DModel network; supported: UNet2DModel")):
+        proc = run("train", "configs/ctm/digits.yaml", f"teacher={tmp_path / folder}",
+                   f"output_dir={tmp_path / 'out'}", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
