@@ -171,6 +171,7 @@ def cmd_generate(args) -> int:
 
     check_flag("--num-samples", args.num_samples, 1, 10_000)
     pipe = _load_model(args.model_dir)
+    pipe.set_progress_bar_config(disable=args.no_progress, desc="sampling", leave=False)
     kwargs = sampling_kwargs(pipe, args)
     check_condition_flags(pipe, args)
     if args.negative_prompt is not None:
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctrl.add_argument("--control-steps", type=int, default=20, metavar="N",
                       help="gradient steps of the control (default 20)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--out", required=True, metavar="PATH", help="output .png, .wav or .npz")
     g.set_defaults(func=cmd_generate)
 

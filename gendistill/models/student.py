@@ -38,9 +38,9 @@ def trajectory_jump(x: torch.Tensor, t, s, denoised: torch.Tensor) -> torch.Tens
 
 
 class CTMStudent(ModelMixin, ConfigMixin):
-    """G(x_t, t, s, cond, omega) around a diffusers UNet or an MLPNet (``network``), in the
-    parameterisation of the teacher whose scheduler config is ``teacher_scheduler`` (None: EDM
-    with ``sigma_data``)."""
+    """G(x_t, t, s, cond, omega) around a diffusers UNet or DiT or an MLPNet (``network``), in
+    the parameterisation of the teacher whose scheduler config is ``teacher_scheduler`` (None:
+    EDM with ``sigma_data``)."""
 
     @register_to_config
     def __init__(self, network_class: str, network_config: dict, sigma_data: float = SIGMA_DATA,
