@@ -62,6 +62,11 @@ def load_teacher(cfg: Config):
     if type(pipe.unet).__name__ not in NETWORK_CLASSES:
         raise ConfigError(f"teacher: {path} has a {type(pipe.unet).__name__} network; "
                           f"supported: {SUPPORTED_NETWORKS}")
+    channels = pipe.unet.config.get("in_channels"), pipe.unet.config.get("out_channels")
+    if channels[0] is not None and channels[1] not in (None, channels[0]):
+        raise ConfigError(f"teacher: {path}: the network has {channels[0]} input and "
+                          f"{channels[1]} output channels (a learned variance?); the adapters "
+                          f"need a prediction of the input's shape")
     try:
         pipe.denoiser()  # an adapter for its scheduler
     except (TypeError, ValueError) as e:

@@ -19,8 +19,9 @@ __all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "LoudnessContro
 
 def load_pipeline(path, **kwargs):
     """Load a model folder: a gendistill pipeline by the class in its model_index.json, or any
-    diffusers pipeline with a ``unet`` and a ``scheduler`` (DDPM, DDIM, flow matching, EDM, ...)
-    and optionally a ``vae`` (a latent teacher) wrapped as a ``TeacherPipeline``. A training run's ``output_dir`` stands for its
+    diffusers pipeline with a ``unet`` (or a ``transformer``: DiT) and a ``scheduler`` (DDPM,
+    DDIM, flow matching, EDM, ...) and optionally a ``vae`` (a latent teacher) wrapped as a
+    ``TeacherPipeline``. A training run's ``output_dir`` stands for its
     ``model/``."""
     import json
 
@@ -41,8 +42,10 @@ def load_pipeline(path, **kwargs):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
-        raise ValueError(f"{index}: {name} has no unet and scheduler to use as a teacher")
+    network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if network is None or not hasattr(pipe, "scheduler"):
+        raise ValueError(f"{index}: {name} has no unet (or transformer) and scheduler to use "
+                         f"as a teacher")
     encoder = getattr(pipe, "text_encoder", None)
     if encoder is not None:
         from .text import MINILM
@@ -50,7 +53,7 @@ def load_pipeline(path, **kwargs):
         raise ValueError(f"{index}: {name}'s text encoder ({type(encoder).__name__}) is not "
                          f"supported; gendistill's text-conditional teachers encode prompts with "
                          f"{MINILM}")
-    return TeacherPipeline(unet=pipe.unet, scheduler=pipe.scheduler,
+    return TeacherPipeline(unet=network, scheduler=pipe.scheduler,
                            vae=getattr(pipe, "vae", None))
 
 

@@ -182,22 +182,24 @@ class ConditionalPipeline(DiffusionPipeline):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Data space -> the network's space: a latent pipeline's VAE latents (a sample of the
-        posterior, times the VAE's scaling factor); the data itself otherwise."""
+        posterior, shifted and scaled as the VAE's config says); the data itself otherwise."""
         vae = getattr(self, "vae", None)
         if vae is None:
             return x
         vae.to(x.device)
         with torch.no_grad():
-            posterior = vae.encode(x.to(vae.dtype)).latent_dist
-            return (posterior.sample() * vae.config.scaling_factor).to(x.dtype)
+            z = vae.encode(x.to(vae.dtype)).latent_dist.sample()
+            shift = vae.config.get("shift_factor") or 0.0
+            return ((z - shift) * vae.config.scaling_factor).to(x.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The network's space -> data space (a latent pipeline's VAE decoder)."""
         vae = getattr(self, "vae", None)
         if vae is None:
             return z
+        shift = vae.config.get("shift_factor") or 0.0
         with torch.no_grad():
-            return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
+            return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift).sample
 
     def postprocess(self, z: torch.Tensor, conditions: list, output_type: str = "pil",
                     return_dict: bool = True, students: list | None = None):

@@ -132,3 +132,5 @@ def test_latents_and_sigmas_as_diffusers_pipelines_take_them():
                                        class_labels=[3, 7], output_type="latent").samples)
     with pytest.raises(ValueError, match="up to sigma_max = 80.0"):
         ctm(sigmas=[100.0, 1.0], class_labels=[3, 7])
+    with pytest.raises(ValueError, match="up to sigma_max = 80"):
+        teacher(sigmas=[100.0, 1.0], class_labels=[3, 7])

@@ -305,3 +305,53 @@ def test_unsupported_scheduler_or_network_is_a_one_line_error(tmp_path):
                    f"output_dir={tmp_path / 'out'}", check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_narrow_students_of_text_unets_and_transformers():
+    from gendistill.methods.dmd2 import narrow_network
+
+    text = build_network((1, 8, 8), cross_attention_dim=32, channels=(8, 16))
+    assert list(narrow_network(text, 0.5).config.block_out_channels) == [8, 8]
+    for kind in ("dit", "pixart"):
+        narrow = narrow_network(transformer(kind), 0.5)
+        assert narrow.config.num_attention_heads == 1 and narrow.inner_dim == 16
+        cond = torch.tensor([1, 2]) if kind == "dit" else torch.randn(2, 5, 24)
+        key = "class_labels" if kind == "dit" else "encoder_hidden_states"
+        assert narrow(torch.randn(2, 1, 8, 8), timestep=torch.ones(2),
+                      **{key: cond}).sample.shape == (2, 1, 8, 8)
+
+
+def test_transformer_features_are_normalised_per_token_and_judged_by_token_heads():
+    from gendistill.methods.ctm import normalized_feature_distance
+    from gendistill.models.discriminator import FeatureDiscriminator
+
+    teacher = EDMDenoiser(transformer("dit").eval())
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        feats = teacher.features(x, torch.ones(4), y)
+    assert [tuple(f.shape) for f in feats] == [(4, 16, 32)] * 3        # (B, tokens, D)
+    # each token's channels are normalised: rescaling a token changes nothing, mixing does
+    scaled = [f * torch.rand(4, 16, 1).add(0.5) for f in feats]
+    assert normalized_feature_distance(feats, scaled).abs().max() < 1e-10
+    assert normalized_feature_distance(feats, [f.flip(1) for f in feats]).min() > 1e-3
+    logits = FeatureDiscriminator.for_features(feats)(feats)
+    assert logits.shape == (4,)
+
+
+def test_diffusers_dit_pipeline_folder_loads_as_a_latent_teacher(tmp_path):
+    from diffusers import AutoencoderKL, DiTPipeline
+
+    from gendistill.pipelines import load_pipeline
+
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    dit = build_network((4, 8, 8), num_classes=10, network_type="dit", width=32, depth=2,
+                        heads=2)
+    DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path)
+    teacher = load_pipeline(tmp_path)
+    assert isinstance(teacher, TeacherPipeline) and teacher.conditioning == "class"
+    out = teacher(class_labels=[3], num_inference_steps=2, output_type="np")
+    assert out.latents.shape == (1, 1, 16, 16) and out.vae_latents.shape == (1, 4, 8, 8)
+    assert out.images.shape == (1, 16, 16, 1)

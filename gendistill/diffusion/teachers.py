@@ -123,6 +123,9 @@ class Denoiser(nn.Module):
 
     def around(self, net: nn.Module) -> "Denoiser":
         """The same parameterisation around another network (a student's)."""
+        if self.scheduler_config is None and not isinstance(self, EDMDenoiser):
+            raise TypeError(f"a {type(self).__name__} built without its scheduler cannot be "
+                            f"copied: build it with denoiser_from_scheduler")
         return parameterized(net, self.scheduler_config, self.sigma_data, self.sigma_min,
                              self.sigma_max)
 

@@ -21,8 +21,9 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..data.conditioning import drop_conditions
-from ..diffusion import (Denoiser, append_dims, edm_loss_weight, full_precision, heun_step,
-                         karras_sigmas, sample_half_lognormal, sample_lognormal)
+from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims, edm_loss_weight,
+                         full_precision, heun_step, karras_sigmas, sample_half_lognormal,
+                         sample_lognormal)
 from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent
 from ..training.ema import EMA
@@ -67,11 +68,13 @@ def teacher_solve(teacher: Denoiser, x: torch.Tensor, grid: torch.Tensor, start:
 
 
 def normalized_feature_distance(feats_a, feats_b) -> torch.Tensor:
-    """Sum over layers of the mean squared difference of channel-normalised features, per sample."""
+    """Sum over layers of the mean squared difference of channel-normalised features, per sample
+    (channels: dim 1 of a (B, C, H, W) map or a (B, D) vector, the last dim of (B, tokens, D))."""
     total = 0.0
     for a, b in zip(feats_a, feats_b):
-        a = a / (a.norm(dim=1, keepdim=True) + 1e-8)
-        b = b / (b.norm(dim=1, keepdim=True) + 1e-8)
+        channels = -1 if a.ndim == 3 else 1
+        a = a / (a.norm(dim=channels, keepdim=True) + 1e-8)
+        b = b / (b.norm(dim=channels, keepdim=True) + 1e-8)
         total = total + ((a - b) ** 2).flatten(1).mean(1)
     return total
 
@@ -151,10 +154,13 @@ def hinge_discriminator_loss(real_logits, fake_logits) -> torch.Tensor:
     return torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean()
 
 
-def dsm_loss(student, x0, cond=None, sigma_data: float = 0.5, guidance=None) -> torch.Tensor:
+def dsm_loss(student, x0, cond=None, sigma_data: float = 0.5, guidance=None,
+             sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """lambda(sigma) ||g(x_sigma, sigma, sigma, omega) - x_0||^2, sigma from the half-lognormal
-    sampler; a CFG-distilled student is fed the batch's sampled omega, as in SoundCTM."""
-    sigma = sample_half_lognormal(x0.shape[0], device=x0.device)
+    sampler over the teacher's range; a CFG-distilled student is fed the batch's sampled omega,
+    as in SoundCTM."""
+    sigma = sample_half_lognormal(x0.shape[0], device=x0.device, sigma_min=sigma_min,
+                                  sigma_max=sigma_max)
     x = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
     denoised = student(x, sigma, sigma, cond, guidance, return_denoised=True)
     err = ((denoised - x0) ** 2).flatten(1).mean(1)
@@ -244,7 +250,9 @@ class CTMTraining:
         loss = loss_ctm
         student = getattr(self.model, "module", self.model)
         if c.denoising_weight > 0:
-            loss_dsm = dsm_loss(self.model, x0, cond, self.teacher.sigma_data, guidance)
+            t = self.teacher
+            loss_dsm = dsm_loss(self.model, x0, cond, t.sigma_data, guidance, t.sigma_min,
+                                t.sigma_max)
             weight = adaptive_weight(loss_ctm, loss_dsm, student.last_layer)
             logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)
             loss = loss + c.denoising_weight * weight * loss_dsm

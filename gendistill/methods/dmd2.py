@@ -108,7 +108,7 @@ def narrow_network(network: nn.Module, width: float) -> nn.Module:
     config = dict(network.config)
     if isinstance(network, MLPNet):
         config["width"] = max(1, round(config["width"] * width))
-    elif "num_attention_heads" in config:
+    elif hasattr(network, "transformer_blocks"):  # DiT / PixArt
         heads = max(1, round(config["num_attention_heads"] * width))
         if config.get("cross_attention_dim"):  # PixArt attends to captions at the token width
             config["cross_attention_dim"] = heads * config["attention_head_dim"]

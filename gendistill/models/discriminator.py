@@ -2,9 +2,9 @@
 
 CTM's GAN term (and DMD2's classifier head) judge samples through a pretrained network's
 features rather than training a discriminator from pixels: each tapped feature map (a UNet
-block's (B, C, H, W) output, or an MLP hidden layer's (B, D)) gets a head of its own,
-1x1 conv / linear -> GroupNorm -> SiLU -> spatial mean -> linear, and the logits of all heads
-are summed. Only the heads train; the feature network is the frozen teacher.
+block's (B, C, H, W) output, a transformer block's (B, tokens, D), or an MLP hidden layer's
+(B, D)) gets a head of its own, 1x1 conv / linear per token / linear -> GroupNorm -> SiLU ->
+mean over positions -> linear, and the logits of all heads are summed. Only the heads train; the feature network is the frozen teacher.
 """
 from __future__ import annotations
 
@@ -15,28 +15,35 @@ HEAD_CHANNELS = 64
 
 
 class FeatureHead(nn.Module):
-    def __init__(self, channels: int, spatial: bool, width: int = HEAD_CHANNELS):
+    """One feature map's head; ``shape`` is its per-sample shape: (C, H, W), (tokens, D) or
+    (D,)."""
+
+    def __init__(self, shape: tuple[int, ...], width: int = HEAD_CHANNELS):
         super().__init__()
-        self.spatial = spatial
-        self.proj = nn.Conv2d(channels, width, 1) if spatial else nn.Linear(channels, width)
+        self.positions = len(shape) - 1  # spatial dims, a token axis, or none
+        channels = shape[-1] if self.positions == 1 else shape[0]
+        self.proj = nn.Conv2d(channels, width, 1) if self.positions == 2 else \
+            nn.Linear(channels, width)
         self.norm = nn.GroupNorm(8, width)
         self.out = nn.Linear(width, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.silu(self.norm(self.proj(h)))
-        if self.spatial:
-            h = h.mean((2, 3))
+        h = self.proj(h)
+        if self.positions == 1:  # (B, tokens, width) -> (B, width, tokens)
+            h = h.transpose(1, 2)
+        h = nn.functional.silu(self.norm(h))
+        if self.positions:
+            h = h.flatten(2).mean(2)
         return self.out(h).squeeze(1)
 
 
 class FeatureDiscriminator(nn.Module):
     """Sum of one head's logit per feature map; ``feature_shapes`` are the maps' per-sample
-    shapes, (C, H, W) or (D,)."""
+    shapes, (C, H, W), (tokens, D) or (D,)."""
 
     def __init__(self, feature_shapes: list[tuple[int, ...]]):
         super().__init__()
-        self.heads = nn.ModuleList(FeatureHead(shape[0], spatial=len(shape) == 3)
-                                   for shape in feature_shapes)
+        self.heads = nn.ModuleList(FeatureHead(tuple(shape)) for shape in feature_shapes)
 
     @classmethod
     def for_features(cls, features: list[torch.Tensor]) -> "FeatureDiscriminator":
