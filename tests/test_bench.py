@@ -99,3 +99,11 @@ def test_rows_are_read_against_the_teacher_at_the_same_guidance():
     rows += [dict(model="teacher-vp", method="heun", call={}, teacher="teacher-vp"),
              dict(model="ctm-1-vp", method="ctm", call={}, teacher="teacher-vp")]
     assert teacher_row_for(rows, rows[5]) is rows[4]
+
+
+def test_the_demo_runs_the_digits_rows_of_the_main_teacher_only():
+    preset = PRESETS["digits"].main_teacher_only()
+    assert preset.other_teachers == {} and set(preset.students) == {"ctm"}
+    models = {r.model for r in preset.rows}
+    assert {"teacher", "ctm-1", "ctm-1-w3"} <= models
+    assert not any(m.endswith(("-vp", "-flow", "-dit")) for m in models)

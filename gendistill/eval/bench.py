@@ -7,6 +7,7 @@ Heun row. Trained models are cached under ``cache_dir/<name>-<hash of the resolv
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -56,6 +57,13 @@ class Preset:
         if row.source == "teacher" or row.source in self.other_teachers:
             return row.source
         return self.students[row.source].teacher
+
+    def main_teacher_only(self) -> "Preset":
+        """This preset without the other teachers and their students (the demo's quick run)."""
+        return dataclasses.replace(
+            self, rows=[r for r in self.rows if self.reference(r) == "teacher"],
+            students={k: s for k, s in self.students.items() if s.teacher == "teacher"},
+            other_teachers={})
 
 
 def _teacher_rows(steps: int) -> list[Row]:
