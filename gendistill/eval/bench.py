@@ -121,12 +121,13 @@ ANY_TEACHER = ("vp", "flow", "dit")
 
 
 def _any_teacher_rows(names) -> list[Row]:
-    """Issue 10's rows: each other teacher's Heun-18 row, and the 1-step student distilled
-    from it, read against it."""
+    """Issue 10's rows: each other teacher's Heun-18 row, and the student distilled from it at
+    1 and 2 steps, read against it."""
     heun = {"num_inference_steps": 18, "sampler": "heun"}
     return ([Row(f"teacher-{n}", "heun", f"teacher-{n}", heun) for n in names]
-            + [Row(f"ctm-1-{n}", "ctm", f"ctm-{n}", {"num_inference_steps": 1,
-                                                     "guidance_scale": 1.0}) for n in names])
+            + [Row(f"ctm-{k}-{n}", "ctm", f"ctm-{n}", {"num_inference_steps": k,
+                                                       "guidance_scale": 1.0})
+               for n in names for k in (1, 2)])
 
 
 OLD_CTM_RECIPE = ["train.lr=2e-4", "ctm.denoising_weight=1.0"]
