@@ -33,6 +33,14 @@ SCHEDULERS = {
 }
 
 
+def same(a, b, sigma):
+    """Equal to 1e-5, in units of the noise level above sigma = 1: a VP teacher's
+    x0 = x - sigma * eps at sigma_max = 157 sums terms in the hundreds, which float32 (and a
+    multi-threaded conv's summation order) rounds at about 157 x 1e-7 per operation."""
+    scale = torch.as_tensor(sigma, dtype=a.dtype).clamp_min(1.0).expand(a.shape[0])
+    assert ((a - b).abs().flatten(1).max(1).values / scale).max() <= 1e-5
+
+
 def student_of(teacher, scheduler, net, embed_guidance=True):
     return CTMStudent.from_teacher(net, teacher.sigma_data, teacher.sigma_min, embed_guidance,
                                    teacher_scheduler=scheduler_config(scheduler))
@@ -51,7 +59,7 @@ def test_msd_students_keep_their_teachers_parameterization(name, tmp_path):
     noise, y = teacher.sigma_max * torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():  # a student that is a copy of the teacher: D(sigma_max z, sigma_max)
         expected = teacher(noise, torch.tensor(teacher.sigma_max), y)
-        assert (students(noise, y, router(y)) - expected).abs().max() <= 1e-5
+        same(students(noise, y, router(y)), expected, teacher.sigma_max)
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -67,13 +75,13 @@ def test_student_is_its_teacher_at_step_zero(name, tmp_path):
         expected = teacher(x, t, y)
         for s in (0.0, 0.05):
             g = student(x, t, torch.full_like(t, s), y, 3.0, return_denoised=True)
-            assert (g - expected).abs().max() <= 1e-5
-        assert (student(x, t, 0.0, y, 2.0) - expected).abs().max() <= 1e-5  # G(x, t, 0) = D
+            same(g, expected, t)
+        same(student(x, t, 0.0, y, 2.0), expected, t)  # G(x, t, 0) = D
         # the parameterisation travels with the saved student
         student.save_pretrained(tmp_path)
         loaded = CTMStudent.from_pretrained(tmp_path)
         assert type(loaded.parameterization) is type(teacher)
-        assert (loaded(x, t, 0.0, y, 2.0) - expected).abs().max() <= 1e-5
+        same(loaded(x, t, 0.0, y, 2.0), expected, t)
 
 
 def test_ema_copy_keeps_its_own_parameterization():
@@ -199,7 +207,7 @@ def test_transformer_student_is_its_teacher_at_step_zero(kind):
     cond = torch.tensor([0, 4, 9]) if kind == "dit" else torch.randn(3, 5, 24)
     with torch.no_grad():
         expected = teacher(x, t, cond)
-        assert (student(x, t, 0.0, cond, 3.0) - expected).abs().max() <= 1e-5
+        same(student(x, t, 0.0, cond, 3.0), expected, t)
         # once trained, s reaches every block through the timestep embedding
         for p in student.s_embedding.linear_2.parameters():
             p.normal_()
