@@ -77,8 +77,9 @@ def mismatch(pipe, ds) -> str | None:
     return None
 
 
-def custom_sigmas(sigmas, min_points: int = 2) -> torch.Tensor:
-    """A user's noise schedule: finite, non-negative and strictly decreasing."""
+def custom_sigmas(sigmas, sigma_max: float, min_points: int = 2) -> torch.Tensor:
+    """A user's noise schedule: finite, non-negative, strictly decreasing, and within the
+    model's sigma_max."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
     if len(sigmas) < min_points:
         raise ValueError(f"sigmas: give at least {min_points} noise levels, got "
@@ -86,6 +87,9 @@ def custom_sigmas(sigmas, min_points: int = 2) -> torch.Tensor:
     if not torch.isfinite(sigmas).all() or (sigmas < 0).any() or (sigmas.diff() >= 0).any():
         raise ValueError(f"sigmas: expected finite, non-negative, strictly decreasing noise "
                          f"levels, got {sigmas.tolist()}")
+    if sigmas[0] > sigma_max * (1 + 1e-6):
+        raise ValueError(f"sigmas: the model knows noise levels up to sigma_max = "
+                         f"{float(sigma_max)}, got {float(sigmas[0])}")
     return sigmas
 
 

@@ -42,11 +42,7 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         self.gamma = gamma
         if sigmas is not None:
-            sigmas = custom_sigmas(sigmas)
-            if sigmas[0] > cfg.sigma_max * (1 + 1e-6):
-                raise ValueError(f"sigmas: the student knows noise levels up to sigma_max = "
-                                 f"{cfg.sigma_max}, got {float(sigmas[0])}")
-            self.sigmas = sigmas.to(device)
+            self.sigmas = custom_sigmas(sigmas, cfg.sigma_max).to(device)
         elif num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         else:

@@ -47,10 +47,7 @@ class TeacherPipeline(ConditionalPipeline):
             sigmas = append_zero(karras_sigmas(num_inference_steps, denoiser.sigma_min,
                                                denoiser.sigma_max))
         else:
-            sigmas = custom_sigmas(sigmas, min_points=1)
-            if sigmas[0] > denoiser.sigma_max * (1 + 1e-6):
-                raise ValueError(f"sigmas: the teacher knows noise levels up to sigma_max = "
-                                 f"{denoiser.sigma_max:.4g}, got {float(sigmas[0]):.4g}")
+            sigmas = custom_sigmas(sigmas, denoiser.sigma_max, min_points=1)
             sigmas = sigmas if sigmas[-1] == 0 else append_zero(sigmas)
         sigmas = sigmas.to(self.device)
         x = self.initial_noise(len(conditions), float(sigmas[0]), generator, latents)
