@@ -93,6 +93,18 @@ def custom_sigmas(sigmas, sigma_max: float, min_points: int = 2) -> torch.Tensor
     return sigmas
 
 
+def timestep_sigmas(timesteps, sigmas, denoiser) -> torch.Tensor:
+    """The noise levels of a user's ``timesteps``, one per step: the network's own time inputs in
+    its diffusers scheduler's units (999 ... for a DDPM network, 0.25 ln sigma for EDM, 1000 t
+    for flow matching), as diffusers' consistency and LCM pipelines take them."""
+    if sigmas is not None:
+        raise ValueError("give timesteps or sigmas, not both")
+    t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+    if len(t) == 0 or not torch.isfinite(t).all():
+        raise ValueError(f"timesteps: expected finite time inputs, got {t.tolist()}")
+    return denoiser.timestep_sigma(t).float()
+
+
 def null_class(net) -> int | None:
     """Class-conditional networks carry one extra embedding, the null class, at the end (a
     DiT's label table has ``num_embeds_ada_norm`` classes and the null row after them)."""

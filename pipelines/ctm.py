@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from gendistill.diffusion.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from gendistill.models.student import trajectory_jump
 
-from .base import ConditionalPipeline, custom_sigmas
+from .base import ConditionalPipeline, custom_sigmas, timestep_sigmas
 from .control import guide, optimise_noise
 
 
@@ -107,12 +107,14 @@ class CTMPipeline(ConditionalPipeline):
                  num_per_condition: int = 1, num_inference_steps: int = 1, gamma: float = 0.0,
                  guidance_scale: float | None = None, nu: float = 1.0, negative_prompt=None,
                  control=None, generator=None, output_type: str = "pil",
-                 return_dict: bool = True, sigmas=None, latents=None):
+                 return_dict: bool = True, sigmas=None, timesteps=None, latents=None):
         """``guidance_scale`` (omega) is a student input; default 3.5 for CFG-distilled students.
         ``negative_prompt`` replaces the empty prompt that nu interpolates from. ``control``: a
         ``gendistill.pipelines.control`` object (training-free control of audio). ``sigmas``:
-        n + 1 decreasing noise levels for n jumps instead of the Karras grid; ``latents``: the
-        unit-variance starting noise, one per sample."""
+        n + 1 decreasing noise levels for n jumps instead of the Karras grid; ``timesteps``: where
+        the n jumps start, as the network's own time inputs (e.g. [999, 500] for a student of a
+        DDPM teacher), the last jump landing at sigma_min; ``latents``: the unit-variance
+        starting noise, one per sample."""
         if guidance_scale is None:
             guidance_scale = 3.5 if self.unet.has_guidance else 1.0
         elif not self.unet.has_guidance and guidance_scale != 1.0:
@@ -127,6 +129,9 @@ class CTMPipeline(ConditionalPipeline):
         if control is not None and getattr(self, "vae", None) is not None:
             raise ValueError("control reads mel spectrograms: a latent pipeline's samples "
                              "are VAE latents")
+        if timesteps is not None:
+            starts = timestep_sigmas(timesteps, sigmas, self.unet.parameterization)
+            sigmas = torch.cat([starts, starts.new_tensor([self.scheduler.config.sigma_min])])
         self.scheduler.set_timesteps(num_inference_steps, gamma, device=self.device,
                                      sigmas=sigmas)
         num_inference_steps = len(self.scheduler.timesteps)

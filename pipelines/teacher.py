@@ -12,7 +12,7 @@ import torch
 
 from gendistill.diffusion import SAMPLERS, append_zero, denoiser_from_scheduler, karras_sigmas
 
-from .base import ConditionalPipeline, custom_sigmas
+from .base import ConditionalPipeline, custom_sigmas, timestep_sigmas
 
 
 class TeacherPipeline(ConditionalPipeline):
@@ -34,15 +34,18 @@ class TeacherPipeline(ConditionalPipeline):
                  num_per_condition: int = 1, num_inference_steps: int = 18,
                  guidance_scale: float = 1.0, sampler: str = "heun", generator=None,
                  output_type: str = "pil", return_dict: bool = True, sigmas=None,
-                 latents=None):
+                 timesteps=None, latents=None):
         """Solve the probability-flow ODE over a Karras grid of ``num_inference_steps`` + 0, or
-        over ``sigmas`` (decreasing noise levels; a final 0 is appended when missing).
-        ``latents``: the unit-variance starting noise, one per sample."""
+        over ``sigmas`` (decreasing noise levels; a final 0 is appended when missing), or from
+        ``timesteps`` (the network's own time inputs, one per step, e.g. [999, 500, 100] for a
+        DDPM network). ``latents``: the unit-variance starting noise, one per sample."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         cond, conditions = self.prepare_conditions(class_labels, prompt, batch_size,
                                                    num_per_condition)
         denoiser = self.denoiser()
+        if timesteps is not None:
+            sigmas = timestep_sigmas(timesteps, sigmas, denoiser)
         if sigmas is None:
             sigmas = append_zero(karras_sigmas(num_inference_steps, denoiser.sigma_min,
                                                denoiser.sigma_max))

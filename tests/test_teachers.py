@@ -18,7 +18,7 @@ from gendistill.models.msd import MSDStudents
 from gendistill.models.networks import build_network
 from gendistill.models.student import CTMStudent
 from gendistill.partition import Router, contiguous_partition
-from gendistill.pipelines import CTMPipeline, MSDPipeline, TeacherPipeline
+from gendistill.pipelines import CTMPipeline, CTMScheduler, MSDPipeline, TeacherPipeline
 from gendistill.train import run_training
 
 C = 0.5
@@ -363,3 +363,52 @@ def test_diffusers_dit_pipeline_folder_loads_as_a_latent_teacher(tmp_path):
     out = teacher(class_labels=[3], num_inference_steps=2, output_type="np")
     assert out.latents.shape == (1, 1, 16, 16) and out.vae_latents.shape == (1, 4, 8, 8)
     assert out.images.shape == (1, 16, 16, 1)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_timesteps_are_the_networks_own_time_inputs(name):
+    scheduler = SCHEDULERS[name]()
+    net = build_network((1, 8, 8), num_classes=10, channels=(8, 16))
+    teacher = denoiser_from_scheduler(net, scheduler)
+    seen = []
+    net.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["timestep"]),
+                                  with_kwargs=True)
+    sigma = torch.tensor([teacher.sigma_max, 20.0, 1.0, 0.1])
+    with torch.no_grad():
+        teacher(torch.randn(4, 1, 8, 8), sigma, torch.tensor([0, 1, 2, 3]))
+    # timestep_sigma inverts what the network is fed
+    torch.testing.assert_close(teacher.timestep_sigma(seen[0].double()).float(), sigma,
+                               rtol=1e-4, atol=0)
+    if name in ("edm", "flow"):  # and agrees with the diffusers scheduler's own pairs
+        scheduler.set_timesteps(6)
+        expected = scheduler.sigmas[:-1].double()
+        if name == "flow":
+            expected = (expected / (1 - expected)).clamp(max=teacher.sigma_max)
+        torch.testing.assert_close(teacher.timestep_sigma(scheduler.timesteps.double()),
+                                   expected, rtol=1e-5, atol=0)
+    elif name != "vp-x0":
+        alphas = scheduler.alphas_cumprod[[999, 500, 0]].double()
+        torch.testing.assert_close(teacher.timestep_sigma(torch.tensor([999.0, 500, 0], dtype=torch.float64)),
+                                   ((1 - alphas) / alphas).sqrt(), rtol=1e-5, atol=0)
+    if name != "edm":  # EDM's time input is unbounded
+        with pytest.raises(ValueError, match="timesteps: .* knows timesteps 0 ..."):
+            teacher.timestep_sigma(torch.tensor([5000.0]))
+
+
+def test_pipelines_take_timesteps_as_diffusers_pipelines_do():
+    scheduler = SCHEDULERS["vp-eps"]()
+    net = build_network((1, 8, 8), num_classes=10, channels=(8, 16))
+    teacher = TeacherPipeline(net, scheduler)
+    denoiser = teacher.denoiser()
+    student = CTMPipeline(student_of(denoiser, scheduler, net),
+                          CTMScheduler(sigma_min=0.01, sigma_max=denoiser.sigma_max))
+    z, kw = torch.randn(2, 1, 8, 8), dict(class_labels=[3, 7], output_type="latent")
+    starts = denoiser.timestep_sigma(torch.tensor([999.0, 600.0, 200.0])).float()
+    for pipe, sigmas in ((teacher, starts), (student, torch.cat([starts, torch.tensor([0.01])]))):
+        pipe.set_progress_bar_config(disable=True)
+        torch.testing.assert_close(pipe(timesteps=[999, 600, 200], latents=z, **kw).samples,
+                                   pipe(sigmas=sigmas, latents=z, **kw).samples)
+        with pytest.raises(ValueError, match="give timesteps or sigmas, not both"):
+            pipe(timesteps=[999], sigmas=[10.0, 0.0], **kw)
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            pipe(timesteps=[200, 600], **kw)

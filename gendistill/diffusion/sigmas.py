@@ -87,8 +87,14 @@ def sigma_to_flow_t(sigma: torch.Tensor) -> torch.Tensor:
     return sigma / (1 + sigma)
 
 
+def flow_t_to_sigma(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``sigma_to_flow_t``: sigma = t / (1 - t)."""
+    return t / (1 - t)
+
+
 __all__ = [
     "SIGMA_MIN", "SIGMA_MAX", "RHO", "SIGMA_DATA", "karras_sigmas", "append_zero",
     "sample_lognormal", "sample_karras_map", "sample_half_lognormal", "edm_scalings",
     "edm_loss_weight", "append_dims", "vp_sigmas_from_alphas_cumprod", "sigma_to_flow_t",
+    "flow_t_to_sigma",
 ]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .sigmas import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, append_dims, edm_scalings, \
-    sigma_to_flow_t, vp_sigmas_from_alphas_cumprod
+    flow_t_to_sigma, sigma_to_flow_t, vp_sigmas_from_alphas_cumprod
 
 
 def is_class_cond(cond) -> bool:
@@ -121,6 +121,11 @@ class Denoiser(nn.Module):
     def denoise(self, x, sigma, cond):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def timestep_sigma(self, timesteps: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The noise level of a time input of the network (its diffusers scheduler's timesteps),
+        the inverse of the map ``denoise`` applies."""
+        raise NotImplementedError
+
     def around(self, net: nn.Module) -> "Denoiser":
         """The same parameterisation around another network (a student's)."""
         if self.scheduler_config is None and not isinstance(self, EDMDenoiser):
@@ -176,6 +181,9 @@ class EDMDenoiser(Denoiser):
                                         edm_scalings(sigma, self.sigma_data))
         return c_skip * x + c_out * call_network(self.net, c_in * x, c_noise.flatten(), cond)
 
+    def timestep_sigma(self, timesteps):
+        return (4 * timesteps).exp()  # c_noise = ln(sigma) / 4, EDMEulerScheduler's timesteps
+
 
 class VPDenoiser(Denoiser):
     """A discrete-time VP network (DDPM/DDIM schedulers) with epsilon, v or sample prediction.
@@ -203,6 +211,15 @@ class VPDenoiser(Denoiser):
         lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
         w = (log_sigma - lo) / (hi - lo)
         return (idx - 1).to(sigma.dtype) + w
+
+    def timestep_sigma(self, timesteps):
+        last = len(self.log_sigmas) - 1
+        if (timesteps < 0).any() or (timesteps > last).any():
+            raise ValueError(f"timesteps: this VP network knows timesteps 0 ... {last}, got "
+                             f"{timesteps.tolist()}")
+        lo = timesteps.floor().long().clamp(max=last - 1)
+        log_sigmas = self.log_sigmas.to(timesteps.device, timesteps.dtype)
+        return torch.lerp(log_sigmas[lo], log_sigmas[lo + 1], timesteps - lo).exp()
 
     def denoise(self, x, sigma, cond):
         s = append_dims(sigma, x.ndim)
@@ -232,6 +249,14 @@ class FlowDenoiser(Denoiser):
         x_fm = x / (1 + append_dims(sigma, x.ndim))
         v = call_network(self.net, x_fm, t * self.num_train_timesteps, cond)
         return x_fm - tt * v
+
+    def timestep_sigma(self, timesteps):
+        t = timesteps / self.num_train_timesteps
+        if (t < 0).any() or (t > 1).any():
+            raise ValueError(f"timesteps: a flow network knows timesteps 0 ... "
+                             f"{self.num_train_timesteps}, got {timesteps.tolist()}")
+        # pure noise (t = 1, sigma = infinity) is where the adapter's range starts
+        return flow_t_to_sigma(t.clamp(max=sigma_to_flow_t(torch.tensor(self.sigma_max))))
 
 
 def cfg_denoise(denoiser: Denoiser, x: torch.Tensor, sigma, cond=None, guidance=1.0):
