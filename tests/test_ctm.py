@@ -472,3 +472,19 @@ def test_shipped_digits_student_and_the_demo_picture(tmp_path):
     shipped_students(tmp_path)
     for name in ("digits", "toy2d"):
         assert (tmp_path / f"{name}_teacher_vs_ctm.png").stat().st_size > 5000
+
+
+def test_one_jump_starts_at_one_step_sigma_and_longer_grids_at_sigma_max():
+    sched = CTMScheduler()  # the defaults: sigma_max 80, one_step_sigma 10
+    sched.set_timesteps(1)
+    assert sched.sigmas.tolist() == pytest.approx([10.0, 0.002])
+    sched.set_timesteps(2)
+    assert float(sched.sigmas[0]) == pytest.approx(80.0)
+    for one_step_sigma, start in ((None, 80.0), (200.0, 80.0)):  # off; capped at sigma_max
+        sched = CTMScheduler(one_step_sigma=one_step_sigma)
+        sched.set_timesteps(1)
+        assert float(sched.sigmas[0]) == pytest.approx(start)
+    # a student saved before the option existed samples with the default
+    old = {"_class_name": "CTMScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
+           "gamma": 0.0}
+    assert CTMScheduler.from_config(old).config.one_step_sigma == 10.0
