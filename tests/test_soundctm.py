@@ -297,3 +297,19 @@ def test_shipped_soundctm_student_and_the_demo_sounds(tmp_path):
     text_to_sound(tmp_path)
     assert len(list((tmp_path / "text_to_sound" / "student").glob("*.wav"))) == len(DEMO_PROMPTS)
     assert (tmp_path / "text_to_sound" / "teacher_vs_soundctm.png").stat().st_size > 5000
+
+
+def test_bench_reads_a_control_against_the_same_call_without_it(sound_pipe):
+    from gendistill.eval.bench import Row, control_errors, make_control
+    from gendistill.generate import sample
+
+    prompts = ["a loud fast siren", "a quiet low beep"]
+    row = Row("guided", "soundctm", "ctm", {"num_inference_steps": 3, "gamma": 1.0},
+              "loudness-guided")
+    control = make_control(row.control, sound_pipe.vocoder)
+    errors = control_errors(sound_pipe, prompts, row, control)
+    assert errors["uncontrolled"]["network_calls_per_sample"] == 3  # the row's own 3 jumps
+    plain = sample(sound_pipe, None, prompts, 1, 0, **row.call)
+    expected = control.error(sound_pipe.vocoder(plain.latents), sound_pipe.vocoder)
+    for key, value in expected.items():  # Griffin-Lim's random phases move them a little
+        assert errors["uncontrolled"][key] == pytest.approx(value, rel=0.05)

@@ -323,16 +323,15 @@ def vocoder_report(test, batch: int, repeats: int) -> list[dict]:
 
 
 def control_errors(pipe, prompts: list, row: Row, control) -> dict:
-    """The control error of a control row's samples and of the same prompts and seed without
-    control, and the network calls per sample each costs."""
+    """The control error of a control row's samples and of the same call, prompts and seed
+    without control (a guided row's own steps and gamma), and the network calls per sample
+    each costs."""
     from ..diffusion import NFECounter
     from ..generate import sample
 
     result = {}
     for key, extra in (("uncontrolled", {}), ("controlled", {"control": control})):
         call = {**row.call, **extra}
-        if not extra and call.get("num_inference_steps", 1) > 1:
-            call["num_inference_steps"] = 1  # what the control starts from: a 1-step sample
         with NFECounter(pipe.network) as counter:
             output = sample(pipe, None, prompts, 1, 0, **call)
         errors = control.error(pipe.vocoder(output.latents), pipe.vocoder)
