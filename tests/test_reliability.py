@@ -123,20 +123,57 @@ def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path):
     assert proc.returncode == 2 and "is a file, not a folder" in error_line(proc)
 
 
+LAUNCHERS = {"torchrun": ["torchrun", "--nproc_per_node", "2"],
+             "accelerate": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no",
+                            "--dynamo_backend", "no"]}
+
+
 @pytest.mark.slow
-def test_two_process_cpu_training_with_torchrun_exits_0(tmp_path):
-    """Two real CPU processes (gloo): both train, rank 0 alone writes, the run exits 0."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gendistill", "train", *TINY,
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_process_cpu_training_exits_0_with_the_same_weights(tmp_path, launcher):
+    """Two real CPU processes (gloo): both train to the same weights, rank 0 alone writes, the
+    run exits 0."""
+    command, *options = LAUNCHERS[launcher]
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), command), *options,
+                           "-m", "gendistill", "--verbose", "train", *TINY,
                            f"output_dir={tmp_path}", "train.max_steps=4",
                            "train.checkpoint_every=2", "train.cpu=true"],
                           capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("saved") == 1
+    assert "all 2 ranks hold the same weights" in proc.stdout + proc.stderr
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert (tmp_path / "checkpoints" / "step-2" / "COMPLETE").is_file()
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_ranks_with_different_weights_stop_the_run(tmp_path):
+    """Two real gloo processes whose weights differ in one entry on rank 1."""
+    script = tmp_path / "drift.py"
+    script.write_text(
+        "import torch\n"
+        "from accelerate import Accelerator\n"
+        "from gendistill.training.loop import TrainingError, check_ranks_agree\n"
+        "accelerator = Accelerator(cpu=True)\n"
+        "net = torch.nn.Linear(3, 2)\n"
+        "with torch.no_grad():\n"
+        "    for p in net.parameters():\n"
+        "        p.fill_(0.5)\n"
+        "    check_ranks_agree(accelerator, net)\n"
+        "    net.weight[0, 0] += 1e-7 * accelerator.process_index\n"
+        "    try:\n"
+        "        check_ranks_agree(accelerator, net)\n"
+        "    except TrainingError as error:\n"
+        "        print(f'rank {accelerator.process_index}: {error}')\n")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", str(script)], capture_output=True,
+                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: the 2 ranks ended with different weights" in proc.stdout
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):

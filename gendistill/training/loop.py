@@ -264,6 +264,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             raise TrainingError(f"stopped by SIGTERM at step {counter.step}; checkpoint saved, "
                                 f"continue with train.resume=true")
     bar.close()
+    check_ranks_agree(accelerator, accelerator.unwrap_model(model), ema)
     final = out / "model"
     if accelerator.is_main_process:
         export(method, ema, final)
@@ -275,6 +276,21 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def check_ranks_agree(accelerator, *modules):
+    """Data-parallel ranks must end with the same weights (rank 0 alone saves them): a rank
+    that drifted (a missed all-reduce, a rank-local update) stops the run instead."""
+    if accelerator.num_processes == 1:
+        return
+    digest = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square()
+                                       .sum()]) for m in modules for p in m.parameters()])
+    every = accelerator.gather(digest.flatten().to(accelerator.device)[None])
+    if not (every == every[:1]).all():
+        raise TrainingError(f"the {accelerator.num_processes} ranks ended with different "
+                            f"weights; nothing was saved")
+    if accelerator.is_main_process:
+        log.info("all %d ranks hold the same weights", accelerator.num_processes)
 
 
 # keys a resume may change freely: how long, how often, where it runs; the batch size only
