@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast teachers students clean
+.PHONY: install demo test test-fast gpu-check teachers students clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The GPU paths (bf16, fp16, xformers, torch.compile) and their speed; needs a CUDA GPU.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py --out runs/gpu-check.json
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

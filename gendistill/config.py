@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int | None = None     # CPU threads for torch; unset = the cores / local processes
     cpu: bool = False              # force CPU even where a GPU is present
     xformers: bool = False         # xformers attention (CUDA + the xformers extra); else SDPA
+    compile: bool = False          # torch.compile the trained network (inductor)
 
 
 @dataclass

@@ -176,6 +176,22 @@ def test_ranks_with_different_weights_stop_the_run(tmp_path):
         assert f"rank {rank}: the 2 ranks ended with different weights" in proc.stdout
 
 
+@pytest.mark.slow
+def test_compiled_training_trains_the_eager_runs_weights(tmp_path):
+    """train.compile=true (torch.compile, inductor: a real C++ build on CPU) ends where the eager
+    run ends, to float rounding, and saves plain diffusers weights."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        proc = train(out, "train.max_steps=4", f"train.compile={str(compiled).lower()}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[compiled] = load_file(next((out / "model" / "unet").glob("*.safetensors")))
+    assert weights[True].keys() == weights[False].keys()
+    assert max((weights[True][k] - weights[False][k]).abs().max() for k in weights[True]) < 1e-5
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     """A cluster's preemption: SIGTERM mid-run saves a complete checkpoint and exits 3; the
     resumed run finishes."""

@@ -83,7 +83,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     out = Path(cfg.output_dir)
     return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
                        log_with="tensorboard", project_dir=str(out),
-                       gradient_accumulation_steps=1)
+                       gradient_accumulation_steps=1,
+                       dynamo_backend="inductor" if cfg.train.compile else "no")
 
 
 @contextmanager
@@ -298,7 +299,7 @@ def check_ranks_agree(accelerator, *modules):
 RESUME_FREE_KEYS = {"output_dir", "train.max_steps", "train.resume", "train.checkpoint_every",
                     "train.log_every", "train.keep_checkpoints", "train.max_nonfinite",
                     "train.threads", "train.overwrite", "train.allow_config_change", "train.cpu",
-                    "train.xformers", "msd.student"}
+                    "train.xformers", "train.compile", "msd.student"}
 RESUME_GUARDED_KEYS = {"train.batch_size", "train.lr", "train.warmup_steps"}
 
 
