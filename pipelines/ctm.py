@@ -36,6 +36,9 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = RHO, gamma: float = 0.0, one_step_sigma: float | None = 10.0):
+        if one_step_sigma is not None and not one_step_sigma > sigma_min:
+            raise ValueError(f"one_step_sigma must be above sigma_min = {sigma_min} (or None "
+                             f"for sigma_max), got {one_step_sigma}")
         self.sigmas = karras_sigmas(2, sigma_min, self.grid_top(1), rho)
         self.gamma = gamma
 

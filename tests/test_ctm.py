@@ -488,3 +488,5 @@ def test_one_jump_starts_at_one_step_sigma_and_longer_grids_at_sigma_max():
     old = {"_class_name": "CTMScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
            "gamma": 0.0}
     assert CTMScheduler.from_config(old).config.one_step_sigma == 10.0
+    with pytest.raises(ValueError, match="one_step_sigma must be above sigma_min"):
+        CTMScheduler(one_step_sigma=0.0)
