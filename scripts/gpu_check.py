@@ -61,36 +61,24 @@ def sample_check(model: Path, cpu: bool) -> dict:
             "samples_range": [round(float(x.min()), 3), round(float(x.max()), 3)]}
 
 
-def ms_per_sample(pipe, call: dict, batch: int, repeats: int = 5) -> float:
-    labels = [i % 10 for i in range(batch)]
-    pipe(class_labels=labels, output_type="latent", **call)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        pipe(class_labels=labels, output_type="latent", **call)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return round(1000 * sorted(times)[len(times) // 2] / batch, 4)
-
-
 def sampling_speed(student: Path | None, cpu: bool, batch: int) -> dict:
     from gendistill.assets import ASSETS
+    from gendistill.eval.bench import time_pipeline
     from gendistill.pipelines import load_pipeline
 
     device = "cpu" if cpu else "cuda"
-    teacher = load_pipeline(ASSETS / "teachers" / "digits").to(device)
-    teacher.set_progress_bar_config(disable=True)
-    report = {"batch": batch,
-              "teacher_heun18_ms": ms_per_sample(teacher, {"num_inference_steps": 18}, batch)}
+    labels = [i % 10 for i in range(batch)]
+
+    def ms_per_sample(pipe, call: dict) -> float:
+        pipe.set_progress_bar_config(disable=True)
+        return round(time_pipeline(pipe.to(device), labels, call, repeats=5)[1], 4)
+
+    report = {"batch": batch, "teacher_heun18_ms": ms_per_sample(
+        load_pipeline(ASSETS / "teachers" / "digits"), {"num_inference_steps": 18})}
     for dtype in (torch.float32, torch.bfloat16):
-        student_pipe = load_pipeline(student or ASSETS / "students" / "digits",
-                                     dtype=dtype).to(device)
-        student_pipe.set_progress_bar_config(disable=True)
         report[f"student_1step_ms_{str(dtype).split('.')[1]}"] = ms_per_sample(
-            student_pipe, {"num_inference_steps": 1, "guidance_scale": 1.0}, batch)
+            load_pipeline(student or ASSETS / "students" / "digits", dtype=dtype),
+            {"num_inference_steps": 1, "guidance_scale": 1.0})
     report["speedup_fp32"] = round(report["teacher_heun18_ms"]
                                    / report["student_1step_ms_float32"], 1)
     return report

@@ -256,7 +256,7 @@ class FlowDenoiser(Denoiser):
             raise ValueError(f"timesteps: a flow network knows timesteps 0 ... "
                              f"{self.num_train_timesteps}, got {timesteps.tolist()}")
         # pure noise (t = 1, sigma = infinity) is where the adapter's range starts
-        return flow_t_to_sigma(t.clamp(max=sigma_to_flow_t(torch.tensor(self.sigma_max))))
+        return flow_t_to_sigma(t).clamp(max=self.sigma_max)
 
 
 def cfg_denoise(denoiser: Denoiser, x: torch.Tensor, sigma, cond=None, guidance=1.0):

@@ -279,13 +279,18 @@ def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> tuple[flo
     args = (None, conditions) if text else (conditions, None)
     sample(pipe, *args, 1, 0, **call)  # warm-up
     vocoder = getattr(pipe, "vocoder", None)
+    # CUDA runs asynchronously: the clock is read once the device has finished
+    finish = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     model, total = [], []
     for r in range(repeats):
+        finish()
         start = time.perf_counter()
         output = sample(pipe, *args, 1, r, **call)
+        finish()
         model.append(time.perf_counter() - start)
         if vocoder is not None:
             vocoder(output.latents)
+            finish()
             total.append(time.perf_counter() - start)
         else:  # the same call: one clock reading, so the two columns agree exactly
             total.append(model[-1])
