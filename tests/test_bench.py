@@ -99,6 +99,23 @@ def test_rows_are_read_against_the_teacher_at_the_same_guidance():
     rows += [dict(model="teacher-vp", method="heun", call={}, teacher="teacher-vp"),
              dict(model="ctm-1-vp", method="ctm", call={}, teacher="teacher-vp")]
     assert teacher_row_for(rows, rows[5]) is rows[4]
+    # an MSD row takes no guidance scale: it is read at the omega its run distilled against
+    rows += [dict(model="msd-k4", method="msd", call={}, guidance=3.0)]
+    assert teacher_row_for(rows, rows[6]) is rows[1]
+
+
+def test_msd_rows_read_the_omega_their_run_distilled_against(tmp_path):
+    from gendistill.config import REPO_ROOT, load_config, to_dict
+    from gendistill.eval.bench import distilled_guidance
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    cfg = load_config(REPO_ROOT / "configs/msd/synthsounds.yaml")
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert distilled_guidance(run / "model") == 3.0
+    rows = {(r.model, r.method) for r in PRESETS["synthsounds-msd"].rows}
+    assert {("teacher", "heun"), ("teacher", "heun-w3"), ("dmd2-k1", "dmd2"),
+            ("msd-k4", "msd")} == rows - {("teacher", "euler-1")}
 
 
 def test_the_demo_runs_the_digits_rows_of_the_main_teacher_only():

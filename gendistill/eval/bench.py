@@ -144,24 +144,29 @@ TOY2D_ABLATION = {
     "new-batch-64": ["train.batch_size=64"],
 }
 
-def _msd_preset(dataset: str, num_samples: int, quick_num_samples: int, quick: list[str],
-                timing_batch: int) -> Preset:
-    """The MSD rows of issue 8 on ``configs/msd/<dataset>.yaml``: equal steps and batch per
-    student in every row (the config's ``msd.tsm_steps`` and ``msd.gan_start`` place TSM and
-    stage 2 inside them)."""
-    variants = {"dmd2-k1": ["msd.num_students=1"], "msd-k2": ["msd.num_students=2"],
+MSD_VARIANTS = {"dmd2-k1": ["msd.num_students=1"], "msd-k2": ["msd.num_students=2"],
                 "msd-k4": [], "msd-k4-w50": ["msd.student_width=0.5"],
                 "msd-k4-adv": ["msd.adversarial=true"],
                 "msd-k4-kmeans": ["msd.partition=kmeans"],
                 "msd-k4-random": ["msd.partition=random"]}
+
+
+def _msd_preset(dataset: str, num_samples: int, quick_num_samples: int, quick: list[str],
+                timing_batch: int, variants=tuple(MSD_VARIANTS), teacher_rows=None,
+                full: list[str] = ()) -> Preset:
+    """The MSD rows of issue 8 on ``configs/msd/<dataset>.yaml``: equal steps and batch per
+    student in every row (the config's ``msd.tsm_steps`` and ``msd.gan_start`` place TSM and
+    stage 2 inside them). Each row is read against the teacher at the omega its students were
+    distilled at (``msd.guidance``)."""
     config = f"configs/msd/{dataset}.yaml"
-    students = {name: Student(config, ["msd.num_students=4", *extra] if name.startswith("msd-k4")
-                              else extra) for name, extra in variants.items()}
+    students = {name: Student(config, ["msd.num_students=4", *MSD_VARIANTS[name]]
+                              if name.startswith("msd-k4") else MSD_VARIANTS[name])
+                for name in variants}
     rows = [Row(name, "dmd2" if name == "dmd2-k1" else "msd", name, {}) for name in variants]
     return Preset(dataset=dataset, teacher_config=f"configs/teacher/{dataset}.yaml",
-                  students=students, rows=_teacher_rows(18) + rows, num_samples=num_samples,
-                  quick_num_samples=quick_num_samples, quick_overrides=quick,
-                  timing_batch=timing_batch)
+                  students=students, rows=(teacher_rows or _teacher_rows(18)) + rows,
+                  num_samples=num_samples, quick_num_samples=quick_num_samples,
+                  quick_overrides=quick, full_overrides=list(full), timing_batch=timing_batch)
 
 
 PRESETS = {
@@ -220,6 +225,15 @@ PRESETS = {
         + _soundctm_rows(), num_samples=384, quick_num_samples=96,
         quick_overrides=["train.max_steps=20", "train.batch_size=8", "ctm.num_grid=6"],
         timing_batch=16),
+    # MSD of the synthsounds teacher (issue 8): prompts split by their pooled text embedding,
+    # students distilled against the teacher at omega = 3 (configs/msd/synthsounds.yaml)
+    "synthsounds-msd": _msd_preset(
+        "synthsounds", 384, 96, ["train.max_steps=20", "train.batch_size=8",
+                                 "msd.num_pairs=32", "msd.tsm_steps=5", "msd.gan_start=15"],
+        16, variants=("dmd2-k1", "msd-k4"),
+        teacher_rows=_teacher_rows(18) + [
+            Row("teacher", "heun-w3", "teacher",
+                {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0})]),
 }
 
 
@@ -353,7 +367,13 @@ def student_parameters(pipe) -> int:
 
 
 def guidance_of(row: dict) -> float:
-    return float(row["call"].get("guidance_scale", 1.0))
+    return float(row.get("guidance", row["call"].get("guidance_scale", 1.0)))
+
+
+def distilled_guidance(folder: Path) -> float:
+    """The teacher's omega an MSD run's students were distilled against (its msd.guidance):
+    they take no guidance scale, it is in their weights."""
+    return float(json.loads((Path(folder).parent / "config.json").read_text())["msd"]["guidance"])
 
 
 def teacher_row_for(rows: list[dict], row: dict) -> dict:
@@ -418,8 +438,11 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             extra["control"] = row.control
             extra["control_error"] = control_errors(pipe, timing_conditions, row,
                                                     call["control"])
+        guidance = (distilled_guidance(folders[row.source]) if row.method in ("msd", "dmd2")
+                    else call.get("guidance_scale", 1.0))
         rows.append({
             "model": row.model, "method": row.method, "teacher": preset.reference(row),
+            "guidance": guidance,
             "params": student_parameters(pipe),
             "nfe": int(round(result["nfe"])), "ms_per_sample": round(ms, 4),
             "ms_per_sample_model": round(ms_model, 4),

@@ -47,6 +47,8 @@ def plot_students(dataset_name: str, teacher, msd, name: str, path: Path):
     from ..data import load_dataset
 
     test = load_dataset(dataset_name, "test")
+    if test.kind == "audio":  # the spectrogram sheets name each clip's student instead
+        return
     labels = torch.tensor(msd.conditions)
     student_of = dict(zip(msd.conditions, msd.students))
     classes = test.class_names or [str(c) for c in range(test.num_classes)]
@@ -76,8 +78,6 @@ def plot_students(dataset_name: str, teacher, msd, name: str, path: Path):
                     ax.set_title(title, fontsize=9)
             axes[c][0].set_ylabel(f"{class_name}: student {student_of[c]}", fontsize=7,
                                   rotation=0, ha="right", va="center")
-    else:
-        return
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -129,9 +129,11 @@ def plot_samples(dataset_name: str, samples: dict, path: Path):
         for name in names:
             result = outputs[name]
             stem = name.replace('/', '_')
+            titles = [str(c)[:28] for c in result.conditions]
+            if result.students is not None:  # which MSD student made each clip
+                titles = [f"{t[:22]} · s{k}" for t, k in zip(titles, result.students)]
             save_spectrograms(out / f"spectrograms_{stem}.png",
-                              result.latents.float().numpy(), [str(c)[:28] for c in
-                                                               result.conditions])
+                              result.latents.float().numpy(), titles)
             vocoder = samples[name][0].vocoder
             write_wavs(out / "wav" / stem, vocoder(result.latents[:WAVS_PER_ROW].float()),
                        vocoder.config.sample_rate, result.conditions[:WAVS_PER_ROW])
