@@ -123,17 +123,23 @@ def narrow_network(network: nn.Module, width: float) -> nn.Module:
 
 @torch.no_grad()
 def teacher_pairs(teacher: Denoiser, conds: torch.Tensor | None, shape: tuple, guidance: float,
-                  num_steps: int, seed: int, batch_size: int = 256) -> dict:
+                  num_steps: int, seed: int, batch_size: int = 256,
+                  progress: bool = False) -> dict:
     """Teacher ODE samples x_pair = Heun(sigma_max z, c) for the given conditions, with their
     noise ``noise`` = sigma_max z: regression targets from the same noise and condition."""
+    from tqdm.auto import tqdm
+
     g = torch.Generator().manual_seed(seed)
     n = len(conds) if conds is not None else batch_size
     noise = teacher.sigma_max * torch.randn(n, *shape, generator=g)
     sigmas = append_zero(karras_sigmas(num_steps, teacher.sigma_min, teacher.sigma_max))
+    starts = range(0, n, batch_size)
     out = []
-    for i in range(0, n, batch_size):
-        c = None if conds is None else conds[i:i + batch_size]
-        out.append(sample_heun(teacher, noise[i:i + batch_size], sigmas, c, guidance))
+    with tqdm(total=len(starts) * num_steps, desc="teacher pairs", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for i in starts:
+            c = None if conds is None else conds[i:i + batch_size]
+            out.append(sample_heun(teacher, noise[i:i + batch_size], sigmas, c, guidance, bar))
     return {"noise": noise, "cond": conds, "x": torch.cat(out)}
 
 

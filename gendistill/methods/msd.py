@@ -112,7 +112,7 @@ def regression_pairs(cfg: Config, teacher, ds: Dataset, cond, out: Path) -> dict
     def make():
         log.info("making %d teacher ODE pairs (%d Heun steps)", n, m.pair_steps)
         return teacher_pairs(teacher, pair_cond, ds.shape, m.guidance, m.pair_steps, cfg.seed,
-                             n if pair_cond is None else 256)
+                             n if pair_cond is None else 256, progress=True)
 
     return cached_pairs(out / "teacher_pairs.pt", key, make)
 
