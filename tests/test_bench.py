@@ -84,6 +84,11 @@ def test_markdown_table():
     md = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu", "num_samples": 10,
                            "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row]})
     assert "| teacher | heun | 10 | 35 |" in md and "(quick)" in md
+    audio = dict(row, score_name="domain FAD", am_depth_ratio=0.8, fm_depth_ratio=1.1)
+    md = results_markdown({"preset": "synthsounds", "quick": True, "device": "cpu",
+                           "num_samples": 10, "repeats": 1, "timing_batch": 4,
+                           "train_seconds": {}, "rows": [audio]})
+    assert "| teacher | heun | 0.800 | 1.100 |" in md
 
 
 def test_rows_are_read_against_the_teacher_at_the_same_guidance():

@@ -381,8 +381,35 @@ def test_evaluate_digits_and_synthsounds_tiny_teachers():
     res = evaluate_pipeline(sounds, "synthsounds", 16, 0, progress=False, num_inference_steps=1)
     assert res["score_name"] == "domain FAD" and res["score"] > res["score_floor"]
     assert 0 <= res["cond_acc"] <= 1
+    assert res["am_depth_ratio"] > 0 and "tremolo" in res["modulation_per_family"]
     with pytest.raises(ValueError, match="makes samples of shape"):
         evaluate_pipeline(digits, "synthsounds", 8, 0, progress=False)
+
+
+def test_modulation_depths_see_flattened_tremolo_and_wobble(sounds_test):
+    """Real clips against themselves: every ratio is 1. Against the same clips smoothed over
+    time (a moving average of 5 frames, about one period of the fast tremolo and a fifth of
+    the slow siren's): the tremolo's AM depth falls far more than the siren's FM depth."""
+    from gendistill.data.synthsounds import FAMILIES, MODULATED
+    from gendistill.eval.accuracy import caption_families
+    from gendistill.eval.modulation import am_depth, fm_depth, modulation_depths
+    from gendistill.pipelines.audio import MelVocoder
+
+    vocoder = MelVocoder(**sounds_test.vocoder)
+    x, families = sounds_test.x, caption_families(sounds_test.captions)
+    same = modulation_depths(x, families, x, families, vocoder, FAMILIES, MODULATED)
+    assert same["am_depth_ratio"] == same["fm_depth_ratio"] == 1.0
+    assert set(same["modulation_per_family"]) == {f for v in MODULATED.values() for f in v}
+    padded = torch.nn.functional.pad(x, (2, 2, 0, 0), mode="replicate")
+    smoothed = padded.unfold(-1, 5, 1).mean(-1)
+    flat = modulation_depths(x, families, smoothed, families, vocoder, FAMILIES, MODULATED)
+    per = flat["modulation_per_family"]
+    assert per["tremolo"]["am"] < 0.75 and per["beeps"]["am"] < 0.9
+    assert per["siren"]["fm"] > 0.85
+    # a tone has neither: its depths are near 0, a tremolo's AM is several dB
+    tone, tremolo = (x[families == FAMILIES.index(f)] for f in ("tone", "tremolo"))
+    assert am_depth(tone, vocoder).mean() < 0.2 < 4 < am_depth(tremolo, vocoder).mean()
+    assert fm_depth(tone, vocoder).mean() < 0.05
 
 
 def test_cli_evaluate_writes_json(tmp_path, capsys):

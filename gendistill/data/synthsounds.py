@@ -17,6 +17,9 @@ FAMILIES = ["tone", "chirp", "noise burst", "beeps", "tremolo", "harmonic", "plu
 PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}
 SPEEDS = {"slow": 2.0, "fast": 6.0}
 LOUDNESS = {"quiet": 0.2, "loud": 0.6}
+# the families whose clips move by construction (synthesize): loudness (gates, tremolo,
+# decays) and pitch (sweeps, wobble), read by eval.modulation
+MODULATED = {"am": ["noise burst", "beeps", "tremolo", "pluck"], "fm": ["chirp", "siren"]}
 TEMPLATES = [
     "a {loud} {pitch} {family}, {speed}",
     "{family} sound, {pitch} pitch, {loud} and {speed}",

@@ -228,12 +228,13 @@ PRESETS = {
         quick_overrides=["train.max_steps=20", "train.batch_size=8", "ctm.num_grid=6"],
         timing_batch=16),
     # MSD of the synthsounds teacher (issue 8): prompts split by their pooled text embedding,
-    # students distilled against the teacher at omega = 3 (configs/msd/synthsounds.yaml), 400
-    # steps each instead of the config's 1000 so that the five students fit an hour on a CPU
+    # students distilled against the teacher at omega = 3 (configs/msd/synthsounds.yaml); 300
+    # steps each and 128 pairs instead of the config's 1000 and 512, so that the five students
+    # fit an hour on a CPU
     "synthsounds-msd": _msd_preset(
         "synthsounds", 384, 96, ["train.max_steps=20", "train.batch_size=8",
                                  "msd.num_pairs=32", "msd.tsm_steps=5", "msd.gan_start=15"],
-        16, variants=("dmd2-k1", "msd-k4"), full=["train.max_steps=400"],
+        16, variants=("dmd2-k1", "msd-k4"), full=["train.max_steps=300", "msd.num_pairs=128"],
         teacher_rows=_teacher_rows(18) + [
             Row("teacher", "heun-w3", "teacher",
                 {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0})]),
@@ -454,7 +455,9 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             "cond_acc": None if result["cond_acc"] is None else round(result["cond_acc"], 4),
             "precision": round(result["precision"], 4), "recall": round(result["recall"], 4),
             "call": row.call, "score_floor": result.get("score_floor"),
-            **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}), **extra,
+            **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}),
+            **{k: result[k] for k in ("am_depth_ratio", "fm_depth_ratio",
+                                      "modulation_per_family") if k in result}, **extra,
         })
         samples[f"{row.model}/{row.method}"] = (pipe, call)
     for r in rows:
@@ -524,6 +527,14 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {r['model']} | {r['method']} | {r['ms_per_sample_model']:.3f} | "
                          f"{r['ms_per_sample'] - r['ms_per_sample_model']:.3f} | "
                          f"{base['ms_per_sample_model'] / r['ms_per_sample_model']:.1f}× |")
+    if any("am_depth_ratio" in r for r in rows):
+        lines += ["", "Modulation depth against the real clips of the same captions (1 = as deep "
+                  "as the data, below 1 = flattened; `modulation_per_family` in results.json "
+                  "has each family):", "",
+                  "| model | method | loudness (AM) depth | pitch (FM) depth |",
+                  "| --- | --- | ---: | ---: |"]
+        lines += [f"| {r['model']} | {r['method']} | {r['am_depth_ratio']:.3f} | "
+                  f"{r['fm_depth_ratio']:.3f} |" for r in rows if "am_depth_ratio" in r]
     controlled = [r for r in rows if r.get("control_error")]
     if controlled:
         lines += ["", "Training-free control (same prompts and seed, without and with control; "

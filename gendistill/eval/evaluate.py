@@ -8,7 +8,8 @@
   ``inception_weights`` is given.
 - ``synthsounds``: domain FAD against the test split's log-mels (the score), conditional
   accuracy (sound family named by each caption), k-NN precision / recall in the classifier's
-  feature space; prompts are the test-split captions.
+  feature space, and the depth of loudness (AM) and pitch (FM) movement within the clips
+  against the real clips' (``eval.modulation``); prompts are the test-split captions.
   VGGish / CLAP FAD as well when their checkpoints are given (both sides vocoded with the
   same vocoder, so the vocoder's own loss is not counted against the model).
 
@@ -26,11 +27,13 @@ from functools import lru_cache
 
 import torch
 
+from ..data.synthsounds import MODULATED
 from .accuracy import caption_families, conditional_accuracy
 from .fad import DOMAIN_FAD, ClapEmbedding, VGGishEmbedding, fad, fad_from_embeddings
 from .fid import DOMAIN_FID, domain_fid, inception_fid
 from .knn import DEFAULT_K, precision_recall
 from .metrics2d import DEFAULT_BANDWIDTH, DEFAULT_PROJECTIONS, score_2d
+from .modulation import modulation_depths
 
 DATASETS = ("toy2d", "digits", "synthsounds")
 DEFAULT_NUM_SAMPLES = {"toy2d": 2000, "digits": 1000, "synthsounds": 384}
@@ -193,6 +196,9 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
                                                     "synthsounds"),
                       score_floor=_score_floor("synthsounds"),
                       **domain_precision_recall(test.x, x, "synthsounds"),
+                      **modulation_depths(test.x, caption_families(test.captions), x,
+                                          caption_families(conditions), _vocoder(pipe, test),
+                                          test.class_names, MODULATED),
                       reference=f"synthsounds test split ({len(test)} log-mels)")
         if extra_embeddings:
             vocoder = _vocoder(pipe, test)
