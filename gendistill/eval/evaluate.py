@@ -249,5 +249,8 @@ def summary_line(result: dict) -> str:
     if result.get("SW2") is not None:
         parts.append(f"SW2 {result['SW2']:.4g}")
     parts.append(f"precision {result['precision']:.3f}, recall {result['recall']:.3f}")
+    if result.get("am_depth_ratio") is not None:
+        parts.append(f"modulation depth vs data: AM {result['am_depth_ratio']:.2f}, "
+                     f"FM {result['fm_depth_ratio']:.2f}")
     parts.append(f"NFE {result['nfe']:g}")
     return ", ".join(parts)
