@@ -36,7 +36,7 @@ def fm_depth(features: torch.Tensor, vocoder) -> torch.Tensor:
     """(B,) energy-weighted standard deviation over frames of the spectral centroid (mel
     bins)."""
     power = _frames(features, vocoder)
-    bins = torch.arange(power.shape[1], dtype=power.dtype)[:, None]
+    bins = torch.arange(power.shape[1], dtype=power.dtype, device=power.device)[:, None]
     energy = power.sum(1).clamp_min(1e-30)
     centroid = (bins * power).sum(1) / energy
     weight = energy / energy.sum(-1, keepdim=True)
