@@ -196,7 +196,7 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
                                                     "synthsounds"),
                       score_floor=_score_floor("synthsounds"),
                       **domain_precision_recall(test.x, x, "synthsounds"),
-                      **modulation_depths(test.x, caption_families(test.captions), x,
+                      **modulation_depths(test.x, test.family, x,
                                           caption_families(conditions), _vocoder(pipe, test),
                                           test.class_names, MODULATED),
                       reference=f"synthsounds test split ({len(test)} log-mels)")
