@@ -1,7 +1,8 @@
 """MSDPipeline: K one-step students behind a router (multi-student distillation).
 
 A batch may mix conditions: the router splits it among the students and the results come back
-in the batch's order; each sample costs one network call.
+in the batch's order; each sample costs one network call. The students of a latent teacher
+generate its VAE's latents, and the pipeline decodes them with that VAE (``vae``).
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from .text import load_text_encoder
 
 class MSDPipeline(ConditionalPipeline):
     network_name = "students"
-    model_cpu_offload_seq = "students"
-    _optional_components = ["vocoder"]
+    model_cpu_offload_seq = "students->vae"
+    _optional_components = ["vocoder", "vae"]
 
-    def __init__(self, students, vocoder=None, text_encoder_name: str | None = None):
+    def __init__(self, students, vocoder=None, text_encoder_name: str | None = None, vae=None):
         super().__init__()
-        self.register_modules(students=students, vocoder=vocoder)
+        self.register_modules(students=students, vocoder=vocoder, vae=vae)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
     def route(self, cond, conditions: list) -> torch.Tensor:

@@ -299,6 +299,34 @@ def test_latent_teacher_is_distilled_in_latent_space_and_decoded_by_its_vae(tmp_
     assert len(wave) == student.vocoder.config.num_samples and np.isfinite(wave).all()
 
 
+@pytest.mark.slow
+def test_msd_students_of_a_latent_teacher_learn_latents_and_decode_with_its_vae(tmp_path):
+    from test_cli import run
+
+    vae = tiny_audioldm(tmp_path / "teacher")
+    # narrow students (TSM on latents) and the adversarial stage (the head sees encoded data)
+    run("train", "configs/msd/synthsounds.yaml", f"output_dir={tmp_path / 'msd'}",
+        f"teacher={tmp_path / 'teacher'}", "msd.num_students=2", "msd.num_pairs=4",
+        "msd.pair_steps=2", "msd.student_width=0.5", "msd.tsm_steps=1", "msd.adversarial=true",
+        "msd.gan_start=1", "msd.gen_update_ratio=1", "train.max_steps=3",
+        "train.batch_size=4", "train.checkpoint_every=0")
+    pairs = torch.load(tmp_path / "msd" / "teacher_pairs.pt", weights_only=True)
+    assert pairs["x"].shape == pairs["noise"].shape == (4, 4, 16, 16)  # the teacher's latents
+    pipe = MSDPipeline.from_pretrained(tmp_path / "msd" / "model")
+    for name, weight in vae.state_dict().items():                      # the teacher's own VAE
+        torch.testing.assert_close(pipe.vae.state_dict()[name], weight)
+    out = pipe(prompt=["a quiet low hum", "a loud high beep"], output_type="latent")
+    assert out.samples.shape == (2, 4, 16, 16) and out.latents.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(out.latents, pipe.decode(out.samples))
+    run("generate", str(tmp_path / "msd" / "model"), "--prompt", "a loud high beep",
+        "--num-samples", "1", "--out", str(tmp_path / "beep.wav"))
+    import soundfile as sf
+
+    wave, rate = sf.read(tmp_path / "beep.wav")
+    assert rate == pipe.vocoder.config.sample_rate
+    assert len(wave) == pipe.vocoder.config.num_samples and np.isfinite(wave).all()
+
+
 def test_unsupported_scheduler_or_network_is_a_one_line_error(tmp_path):
     from diffusers import CMStochasticIterativeScheduler, UNet1DModel
     from test_cli import run

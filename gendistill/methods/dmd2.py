@@ -163,9 +163,11 @@ class DMD2Training:
     """One student on its part of the conditioning space: TSM (narrow students), DM with the
     two time-scale rule and the regression term, then the optional adversarial stage."""
 
-    def __init__(self, cfg: Config, teacher: Denoiser, null_cond, pairs: dict):
+    def __init__(self, cfg: Config, teacher: Denoiser, null_cond, pairs: dict, encode=None):
         m = cfg.msd
         self.cfg, self.null_cond, self.pairs = cfg, null_cond, pairs
+        # data space -> the teacher network's space (a latent teacher's VAE); None: the data
+        self.encode = encode or (lambda x: x)
         self.teacher = teacher.eval().requires_grad_(False)
         self.model = narrow_network(teacher.net, m.student_width).requires_grad_(True)
         example = (pairs["x"][:2], torch.ones(2),
@@ -211,6 +213,7 @@ class DMD2Training:
     def loss(self, batch, step):
         m = self.cfg.msd
         x0, cond = batch if len(batch) == 2 else (batch[0], None)
+        x0 = self.encode(x0)
         device, n = x0.device, x0.shape[0]
         self.teacher.to(device)
         stage = self.stage(step)
@@ -252,15 +255,16 @@ class DMD2Training:
         fake = self.fake
         x = self.generated
         if x is None:
+            noise = torch.randn(x0.shape[0], *self.pairs["noise"].shape[1:], device=x0.device)
             with torch.no_grad():
-                x = self.generate(self.teacher.sigma_max * torch.randn_like(x0), cond)
+                x = self.generate(self.teacher.sigma_max * noise, cond)
         self.generated = None
         sigma = self.dm_sigmas(x.shape[0], x.device)
         loss = denoising_loss(fake.denoiser, x, sigma, cond,
                               sigma_data=self.teacher.sigma_data)
         logs = {"fake_dsm": loss.detach()}
         if stage == "adversarial":
-            real = fake.logits(x0, self.dm_sigmas(x.shape[0], x.device), cond)
+            real = fake.logits(self.encode(x0), self.dm_sigmas(x.shape[0], x.device), cond)
             generated = fake.logits(x, sigma, cond)
             loss_head = (nn.functional.softplus(-real) + nn.functional.softplus(generated)).mean()
             loss = loss + self.cfg.msd.gan_head_weight * loss_head

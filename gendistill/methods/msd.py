@@ -30,15 +30,18 @@ MAX_FEATURE_SAMPLES = 256  # per class, for the k-means features
 
 
 @torch.no_grad()
-def teacher_class_features(teacher, ds: Dataset) -> torch.Tensor:
+def teacher_class_features(teacher, ds: Dataset, encode=None) -> torch.Tensor:
     """Per-class mean of the teacher's bottleneck features of real data at sigma = sigma_data
-    (spatially pooled): what ``partition=kmeans`` clusters."""
+    (spatially pooled): what ``partition=kmeans`` clusters. ``encode``: data -> the teacher
+    network's space (a latent teacher's VAE)."""
     from ..diffusion import bottleneck_module, tap_features
 
     net = teacher.net
     keep = torch.cat([(ds.y == c).nonzero().flatten()[:MAX_FEATURE_SAMPLES]
                       for c in range(ds.num_classes)])
     x, y = ds.x[keep], ds.y[keep]
+    if encode is not None:
+        x = encode(x)
     sigma = torch.full((len(x),), float(teacher.sigma_data))
     g = torch.Generator().manual_seed(0)
     x_sigma = x + sigma.view(-1, *[1] * (x.ndim - 1)) * torch.randn(x.shape, generator=g)
@@ -57,7 +60,7 @@ def pooled_captions(captions: list[str]) -> torch.Tensor:
                       for i in range(0, len(captions), 256)])
 
 
-def build_router(cfg: Config, ds: Dataset, teacher) -> Router:
+def build_router(cfg: Config, ds: Dataset, teacher, encode=None) -> Router:
     """The partition of ``ds``'s conditioning space among ``msd.num_students`` students."""
     m = cfg.msd
     if (ds.conditioning == "text") != (m.partition == "balanced"):
@@ -67,7 +70,8 @@ def build_router(cfg: Config, ds: Dataset, teacher) -> Router:
                           f", got {m.partition!r}")
     try:
         if ds.conditioning == "class":
-            features = teacher_class_features(teacher, ds) if m.partition == "kmeans" else None
+            features = (teacher_class_features(teacher, ds, encode) if m.partition == "kmeans"
+                        else None)
             return partition_classes(m.partition, ds.num_classes, m.num_students, cfg.seed,
                                      features)
         if ds.conditioning == "text":
@@ -95,10 +99,12 @@ def part_of_each_sample(router: Router, ds: Dataset) -> torch.Tensor:
 def regression_pairs(cfg: Config, teacher, ds: Dataset, cond, out: Path) -> dict:
     """Teacher ODE pairs over the **whole** conditioning space (balanced over classes, or
     random training captions), cached in ``output_dir/teacher_pairs.pt``."""
+    from ..pipelines.base import network_sample_shape
     from .dmd2 import cached_pairs, teacher_pairs
 
     m = cfg.msd
     n = m.num_pairs
+    shape = network_sample_shape(teacher.net)  # a latent teacher's latents
     if ds.conditioning == "class":
         pair_cond = torch.arange(n) % ds.num_classes
     elif cond is not None:
@@ -107,11 +113,11 @@ def regression_pairs(cfg: Config, teacher, ds: Dataset, cond, out: Path) -> dict
     else:
         pair_cond = None
     key = {"num_pairs": n, "guidance": m.guidance, "steps": m.pair_steps, "seed": cfg.seed,
-           "teacher": cfg.teacher or ds.name, "shape": list(ds.shape)}
+           "teacher": cfg.teacher or ds.name, "shape": list(shape)}
 
     def make():
         log.info("making %d teacher ODE pairs (%d Heun steps)", n, m.pair_steps)
-        return teacher_pairs(teacher, pair_cond, ds.shape, m.guidance, m.pair_steps, cfg.seed,
+        return teacher_pairs(teacher, pair_cond, shape, m.guidance, m.pair_steps, cfg.seed,
                              n if pair_cond is None else 256, progress=True)
 
     return cached_pairs(out / "teacher_pairs.pt", key, make)
@@ -141,7 +147,7 @@ def student_done(part: Config) -> bool:
 
 
 def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: Dataset, cond,
-                  teacher, null_cond, pairs: dict) -> Path:
+                  teacher, null_cond, pairs: dict, encode=None) -> Path:
     from accelerate.utils import set_seed
 
     from ..train import data_loader
@@ -158,7 +164,7 @@ def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: 
     rows = (parts == k).nonzero().flatten()
     log.info("student %d of %d: %d training samples", k, router.num_students, len(rows))
     set_seed(part.seed)
-    method = DMD2Training(part, teacher, null_cond, pairs)
+    method = DMD2Training(part, teacher, null_cond, pairs, encode)
     loader = data_loader(ds.x[rows], None if cond is None else cond[rows],
                          part.train.batch_size, part.seed)
     return train(part, method, loader)
@@ -185,7 +191,8 @@ def assemble(cfg: Config, router: Router, teacher, teacher_pipe) -> Path:
         networks.append(NETWORK_CLASSES[name].from_pretrained(folder))
     students = MSDStudents.from_networks(networks, router, teacher)
     pipe = MSDPipeline(students=students, vocoder=getattr(teacher_pipe, "vocoder", None),
-                       text_encoder_name=teacher_pipe.config.text_encoder_name)
+                       text_encoder_name=teacher_pipe.config.text_encoder_name,
+                       vae=getattr(teacher_pipe, "vae", None))
     final = out / "model"
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -207,11 +214,10 @@ def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
-    if getattr(teacher_pipe, "vae", None) is not None:
-        raise ConfigError("teacher: MSD students of a latent teacher (one with a VAE) are not "
-                          "supported yet; CTM students are (method: ctm)")
     teacher = teacher_pipe.denoiser().eval().requires_grad_(False)
-    router = build_router(cfg, ds, teacher)
+    # a latent teacher's students learn in its VAE's latent space (as CTM students do)
+    encode = teacher_pipe.encode if getattr(teacher_pipe, "vae", None) is not None else None
+    router = build_router(cfg, ds, teacher, encode)
     out.mkdir(parents=True, exist_ok=True)
     (out / "partition.json").write_text(json.dumps(router.state) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -219,7 +225,8 @@ def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
     pairs = regression_pairs(cfg, teacher, ds, cond, out)
     todo = range(router.num_students) if cfg.msd.student is None else [cfg.msd.student]
     for k in todo:
-        folder = train_student(cfg, k, router, parts, ds, cond, teacher, null_cond, pairs)
+        folder = train_student(cfg, k, router, parts, ds, cond, teacher, null_cond, pairs,
+                               encode)
     if cfg.msd.student is not None:
         return folder
     return assemble(cfg, router, teacher, teacher_pipe)
