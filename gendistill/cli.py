@@ -378,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     from .training import TrainingError
 
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is noise here
+    # "Loading pipeline components" / "Loading weights" (a teacher's text encoder) are noise here
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         if args.threads is not None:
             set_threads(args.threads)

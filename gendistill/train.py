@@ -10,6 +10,7 @@ from .config import Config, ConfigError
 from .data import load_dataset
 from .data.conditioning import condition_tensors
 from .pipelines.base import mismatch
+from .pipelines.text import text_encoder_of
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -111,7 +112,13 @@ def run_training(cfg: Config) -> Path:
     # embeddings): every rank starts from the same weights and two runs of one seed agree.
     set_seed(cfg.seed)
     ds = load_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.kind)
-    cond, null_cond = condition_tensors(ds)
+    teacher = None
+    if cfg.method in ("ctm", "msd"):
+        teacher = load_teacher(cfg)
+        if (why := mismatch(teacher, ds)) is not None:
+            raise ConfigError(f"teacher: the model {why}")
+    # captions are encoded as the teacher encodes prompts (its own text encoder, or MiniLM)
+    cond, null_cond = condition_tensors(ds, None if teacher is None else text_encoder_of(teacher))
     if cfg.method == "teacher":
         from .methods.teacher import TeacherTraining
 
@@ -119,16 +126,10 @@ def run_training(cfg: Config) -> Path:
     elif cfg.method == "ctm":
         from .methods.ctm import CTMTraining
 
-        teacher = load_teacher(cfg)
-        if (why := mismatch(teacher, ds)) is not None:
-            raise ConfigError(f"teacher: the model {why}")
         method = CTMTraining(cfg, teacher, null_cond)
     elif cfg.method == "msd":
         from .methods.msd import train_msd
 
-        teacher = load_teacher(cfg)
-        if (why := mismatch(teacher, ds)) is not None:
-            raise ConfigError(f"teacher: the model {why}")
         return train_msd(cfg, ds, cond, null_cond, teacher)
     else:
         raise ConfigError(f"method: {cfg.method!r} is not implemented")

@@ -46,15 +46,32 @@ def load_pipeline(path, **kwargs):
     if network is None or not hasattr(pipe, "scheduler"):
         raise ValueError(f"{index}: {name} has no unet (or transformer) and scheduler to use "
                          f"as a teacher")
-    encoder = getattr(pipe, "text_encoder", None)
+    encoder, tokenizer = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
     if encoder is not None:
-        from .text import MINILM
-
-        raise ValueError(f"{index}: {name}'s text encoder ({type(encoder).__name__}) is not "
-                         f"supported; gendistill's text-conditional teachers encode prompts with "
-                         f"{MINILM}")
+        check_text_encoder(index, name, pipe, network, encoder, tokenizer)
     return TeacherPipeline(unet=network, scheduler=pipe.scheduler,
-                           vae=getattr(pipe, "vae", None))
+                           vae=getattr(pipe, "vae", None), text_encoder=encoder,
+                           tokenizer=tokenizer if encoder is not None else None)
+
+
+def check_text_encoder(index, name, pipe, network, encoder, tokenizer):
+    """A foreign teacher's prompts are encoded by its own text encoder into the network's
+    cross-attention: one encoder with its tokenizer, whose width the network reads."""
+    from .base import base_config
+
+    extra = [key for key in ("text_encoder_2", "text_encoder_3")
+             if getattr(pipe, key, None) is not None]
+    if extra:
+        raise ValueError(f"{index}: {name} has several text encoders ({', '.join(extra)}); "
+                         f"teachers with one text encoder are supported")
+    if tokenizer is None:
+        raise ValueError(f"{index}: {name} has a text_encoder but no tokenizer")
+    cfg = base_config(network)
+    width = cfg.get("caption_channels") or cfg.get("cross_attention_dim")  # PixArt: T5 width
+    if width != encoder.config.hidden_size:
+        raise ValueError(f"{index}: {name}'s text encoder ({type(encoder).__name__}) gives "
+                         f"{encoder.config.hidden_size}-wide states, its network's "
+                         f"cross-attention reads {width}")
 
 
 def model_folder(path):

@@ -8,7 +8,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .text import load_text_encoder
+from .text import text_encoder_of
 
 
 @dataclass
@@ -61,6 +61,13 @@ def data_shape(pipe) -> tuple[int, ...]:
         return shape
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return (vae.config.out_channels, shape[1] * factor, shape[2] * factor)
+
+
+def teacher_components(pipe) -> dict:
+    """What a student's pipeline takes over from its teacher's as it is: the vocoder, a latent
+    teacher's VAE, the teacher's own text encoder and tokenizer (None where it has none)."""
+    return {name: getattr(pipe, name, None)
+            for name in ("vocoder", "vae", "text_encoder", "tokenizer")}
 
 
 def mismatch(pipe, ds) -> str | None:
@@ -141,10 +148,10 @@ class ConditionalPipeline(DiffusionPipeline):
     def conditioning(self) -> str:
         if null_class(self.network) is not None:
             return "class"
-        return "text" if getattr(self.config, "text_encoder_name", None) else "none"
+        return "text" if text_encoder_of(self) is not None else "none"
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        states, _pooled = load_text_encoder(self.config.text_encoder_name)(prompts)
+        states, _pooled = text_encoder_of(self)(prompts)
         return states.to(self.device, self.network.dtype)
 
     def null_condition(self):

@@ -96,13 +96,15 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
 class CTMPipeline(ConditionalPipeline):
     """One network call per step: x <- G(x, t, s) with gamma-sampling and nu-interpolation."""
 
-    model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vocoder", "vae"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vocoder", "vae", "text_encoder", "tokenizer"]
 
     def __init__(self, unet, scheduler: CTMScheduler, vocoder=None,
-                 text_encoder_name: str | None = None, vae=None):
+                 text_encoder_name: str | None = None, vae=None, text_encoder=None,
+                 tokenizer=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder, vae=vae)
+        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
     def jump(self, x, t, s, cond, guidance, nu: float, uncond=None, return_estimate=False):

