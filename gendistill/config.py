@@ -117,6 +117,8 @@ class MSDConfig:
                                    # assemble the pipeline
     student_width: float = 1.0     # channel / width factor of each student (< 1: TSM first)
     tsm_steps: int = 0             # narrow students: teacher score matching steps before DM
+    student_init: str = "select"   # narrow students start from the teacher's leading channels
+                                   # (weight selection) or random
     guidance: float = 1.0          # the teacher's CFG scale omega in the DM gradient
     gen_update_ratio: int = 5      # the fake score steps every iteration, the generator 1 in N
     dm_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # DM's sigmas: this
@@ -270,6 +272,7 @@ CHOICES = {
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"), "ctm.match_point": ("zs", "z0"),
     "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),
     "msd.partition": ("contiguous", "kmeans", "random", "balanced"),
+    "msd.student_init": ("select", "random"),
 }
 
 

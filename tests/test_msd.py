@@ -10,7 +10,8 @@ from gendistill.config import Config
 from gendistill.diffusion import Denoiser, EDMDenoiser, NFECounter, append_zero, karras_sigmas, \
     sample_heun
 from gendistill.methods.dmd2 import (DMD2Training, cached_pairs, denoising_loss, dm_sigmas,
-                                     distribution_matching_loss, narrow_network, teacher_pairs)
+                                     distribution_matching_loss, narrow_network, select_weights,
+                                     teacher_pairs)
 from gendistill.models.msd import MSDStudents, one_step
 from gendistill.models.networks import MLPNet, build_network
 from gendistill.partition import Router, contiguous_partition
@@ -138,6 +139,21 @@ def test_students_start_from_the_teacher_and_narrow_ones_are_smaller():
     assert list(small.config.block_out_channels) == [8, 16]
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(small) < count(unet) / 8
+
+
+def test_narrow_students_start_from_the_teachers_leading_channels_or_at_random():
+    unet = build_network((1, 8, 8), num_classes=10, channels=(32, 64))
+    teacher = unet.state_dict()
+    small = select_weights(narrow_network(unet, 0.5), unet).state_dict()
+    conv = "down_blocks.0.resnets.0.conv1.weight"
+    assert small[conv].shape == (16, 16, 3, 3) and teacher[conv].shape == (32, 32, 3, 3)
+    for name, tensor in small.items():  # every tensor: the teacher's leading slice
+        torch.testing.assert_close(tensor, teacher[name][tuple(slice(0, n) for n in tensor.shape)])
+    method, teacher_denoiser = toy_training(student_width=0.5, tsm_steps=1)
+    weight = method.model.state_dict()["conv_in.weight"]
+    torch.testing.assert_close(weight, teacher_denoiser.net.state_dict()["conv_in.weight"][:16])
+    method, _ = toy_training(student_width=0.5, tsm_steps=1, student_init="random")
+    assert not torch.equal(method.model.state_dict()["conv_in.weight"], weight)
 
 
 def test_two_time_scale_rule_and_stages():

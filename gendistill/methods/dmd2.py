@@ -122,6 +122,18 @@ def narrow_network(network: nn.Module, width: float) -> nn.Module:
 
 
 @torch.no_grad()
+def select_weights(student: nn.Module, teacher: nn.Module) -> nn.Module:
+    """Initialise a narrow student from its teacher by weight selection (Xu et al. 2024,
+    "Initializing models with larger ones"): every tensor takes the teacher's leading entries
+    along each dimension, the same channels in every layer, so the kept units stay connected
+    as they were in the teacher."""
+    weights = teacher.state_dict()
+    for name, tensor in student.state_dict().items():
+        tensor.copy_(weights[name][tuple(slice(0, n) for n in tensor.shape)])
+    return student
+
+
+@torch.no_grad()
 def teacher_pairs(teacher: Denoiser, conds: torch.Tensor | None, shape: tuple, guidance: float,
                   num_steps: int, seed: int, batch_size: int = 256,
                   progress: bool = False) -> dict:
@@ -170,6 +182,8 @@ class DMD2Training:
         self.encode = encode or (lambda x: x)
         self.teacher = teacher.eval().requires_grad_(False)
         self.model = narrow_network(teacher.net, m.student_width).requires_grad_(True)
+        if m.student_width < 1 and m.student_init == "select":
+            select_weights(self.model, teacher.net)
         example = (pairs["x"][:2], torch.ones(2),
                    None if pairs["cond"] is None else pairs["cond"][:2])
         fake = FakeScore(copy.deepcopy(teacher.net).requires_grad_(True), teacher,
