@@ -221,24 +221,28 @@ class DMD2Training:
         low, high = self.cfg.msd.dm_range
         return dm_sigmas(n, self.grid, low, high).to(device)
 
+    def noise(self, n: int, device) -> torch.Tensor:
+        """sigma_max z for n samples in the network's space (a latent teacher's latents)."""
+        shape = self.pairs["noise"].shape[1:]
+        return self.teacher.sigma_max * torch.randn(n, *shape, device=device)
+
     def generate(self, noise, cond):
         return one_step(self.student_denoiser(), noise, cond)
 
     def loss(self, batch, step):
         m = self.cfg.msd
         x0, cond = batch if len(batch) == 2 else (batch[0], None)
-        x0 = self.encode(x0)
         device, n = x0.device, x0.shape[0]
         self.teacher.to(device)
         stage = self.stage(step)
         if stage == "tsm":
             sigma = sample_lognormal(n, self.cfg.edm.p_mean, self.cfg.edm.p_std, device=device)
-            loss = denoising_loss(self.student_denoiser(), x0, sigma, cond,
+            loss = denoising_loss(self.student_denoiser(), self.encode(x0), sigma, cond,
                                   target=self.teacher, sigma_data=self.teacher.sigma_data)
             return loss, {"tsm": loss.detach()}
         if (step - self.tsm_steps) % m.gen_update_ratio != 0:
             return None, {}  # the fake score steps alone
-        x = self.generate(self.teacher.sigma_max * torch.randn_like(x0), cond)
+        x = self.generate(self.noise(n, device), cond)
         sigma = self.dm_sigmas(n, device)
         loss_dm, _grad = distribution_matching_loss(x, self.teacher, self.fake.denoiser, sigma,
                                                     cond, m.guidance)
@@ -269,9 +273,8 @@ class DMD2Training:
         fake = self.fake
         x = self.generated
         if x is None:
-            noise = torch.randn(x0.shape[0], *self.pairs["noise"].shape[1:], device=x0.device)
             with torch.no_grad():
-                x = self.generate(self.teacher.sigma_max * noise, cond)
+                x = self.generate(self.noise(x0.shape[0], x0.device), cond)
         self.generated = None
         sigma = self.dm_sigmas(x.shape[0], x.device)
         loss = denoising_loss(fake.denoiser, x, sigma, cond,
