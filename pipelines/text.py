@@ -25,12 +25,9 @@ class TextEncoder:
     encoder is given the padding mask (diffusers' Stable Diffusion gives CLIP none unless its
     config says ``use_attention_mask``; T5 encoders get it)."""
 
-    def __init__(self, tokenizer, model, max_length: int, attention_mask: bool = True,
-                 name: str | None = None):
+    def __init__(self, tokenizer, model, max_length: int, attention_mask: bool = True):
         self.tokenizer, self.model = tokenizer, model.eval()
         self.max_length, self.attention_mask = max_length, attention_mask
-        self.name = name or type(model).__name__
-        self.dim = model.config.hidden_size
 
     @classmethod
     def minilm(cls) -> "TextEncoder":
@@ -45,7 +42,7 @@ class TextEncoder:
         hf_logging.disable_progress_bar()
         path = str(get_model_path())
         return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path),
-                   MAX_TOKENS, name=MINILM)
+                   MAX_TOKENS)
 
     @classmethod
     def of_components(cls, tokenizer, model) -> "TextEncoder":
