@@ -83,13 +83,14 @@ def build_router(cfg: Config, ds: Dataset, teacher, teacher_pipe) -> Router:
     return Router({"kind": "single"})
 
 
-def part_of_each_sample(router: Router, ds: Dataset, encoder=None) -> torch.Tensor:
-    """The student index of every training sample."""
+def part_of_each_sample(router: Router, ds: Dataset, teacher_pipe) -> torch.Tensor:
+    """The student index of every training sample (prompts read by the teacher's encoder)."""
     if ds.conditioning == "class":
         return router(ds.y)
     if ds.conditioning == "text":
         captions = sorted(set(ds.captions))
-        part = dict(zip(captions, router(pooled_captions(captions, encoder)).tolist()))
+        pooled = pooled_captions(captions, text_encoder_of(teacher_pipe))
+        part = dict(zip(captions, router(pooled).tolist()))
         return torch.tensor([part[c] for c in ds.captions])
     return torch.zeros(len(ds), dtype=torch.long)
 
@@ -217,7 +218,7 @@ def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "partition.json").write_text(json.dumps(router.state) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    parts = part_of_each_sample(router, ds, text_encoder_of(teacher_pipe))
+    parts = part_of_each_sample(router, ds, teacher_pipe)
     pairs = regression_pairs(cfg, teacher, ds, cond, out)
     todo = range(router.num_students) if cfg.msd.student is None else [cfg.msd.student]
     for k in todo:
