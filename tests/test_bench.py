@@ -129,3 +129,37 @@ def test_the_demo_runs_the_digits_rows_of_the_main_teacher_only():
     models = {r.model for r in preset.rows}
     assert {"teacher", "ctm-1", "ctm-1-w3"} <= models
     assert not any(m.endswith(("-vp", "-flow", "-dit")) for m in models)
+
+
+def test_a_cached_run_trained_under_other_defaults_is_moved_aside_and_retrained(tmp_path,
+                                                                               monkeypatch):
+    """The cache's name hashes only non-default keys, so a changed default keeps the name; the
+    run's own config.json tells the difference."""
+    import gendistill.eval.bench as bench
+    import gendistill.train
+    from gendistill.config import REPO_ROOT, load_config, to_dict
+
+    config = "configs/ctm/toy2d.yaml"
+    cfg = load_config(REPO_ROOT / config, [])
+    folder = tmp_path / f"ctm-{bench.config_hash(cfg)}"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "model_index.json").write_text("{}")
+    saved = to_dict(cfg)
+    saved["output_dir"] = "elsewhere"               # where it ran does not count
+    del saved["ctm"]["embedding_lr_scale"]          # nor a key its version did not have
+    (folder / "config.json").write_text(json.dumps(saved))
+    assert bench.stale_keys(folder, cfg) == []
+    trained = []
+    monkeypatch.setattr(gendistill.train, "run_training", lambda c: trained.append(c) or "new")
+    assert bench.train_cached("ctm", config, [], tmp_path, print) == folder / "model"
+    assert trained == []
+
+    saved["train"]["lr"] = cfg.train.lr / 2         # the default it was trained under
+    (folder / "config.json").write_text(json.dumps(saved))
+    assert bench.stale_keys(folder, cfg) == [f"train.lr ({cfg.train.lr / 2!r} -> "
+                                             f"{cfg.train.lr!r})"]
+    logs = []
+    assert bench.train_cached("ctm", config, [], tmp_path, logs.append) == "new"
+    assert trained[0].output_dir == str(folder) and not trained[0].train.resume
+    assert (tmp_path / f"{folder.name}.stale" / "model" / "model_index.json").is_file()
+    assert "train.lr" in logs[0] and ".stale" in logs[0]

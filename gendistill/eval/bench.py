@@ -255,6 +255,21 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def stale_keys(folder: Path, cfg) -> list[str]:
+    """The keys whose value in a cached run's config.json differs from ``cfg``, as
+    "key (cached -> now)". Where and how long a resume runs do not count, nor the teacher's path
+    (the hash reads its weights); nor a key the cached run's version did not have, so a new key
+    must default to the old behaviour."""
+    saved_file = folder / "config.json"
+    if not saved_file.is_file():
+        return []
+    saved = flatten(json.loads(saved_file.read_text()))
+    now = flatten(json.loads(json.dumps(to_dict(cfg))))  # tuples read back as lists
+    ignored = {"output_dir", "train.resume", "train.threads", "teacher"}
+    return [f"{k} ({saved[k]!r} -> {now[k]!r})" for k in sorted(saved.keys() & now.keys())
+            if k not in ignored and saved[k] != now[k]]
+
+
 def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, log) -> Path:
     """Train once per resolved config; later runs with the same config reuse the folder."""
     from ..train import run_training
@@ -263,6 +278,17 @@ def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, 
     cfg = load_config(REPO_ROOT / config, overrides)
     folder = cache_dir / f"{name}-{config_hash(cfg)}"
     model = folder / "model"
+    changed = stale_keys(folder, cfg)
+    if changed:
+        # the hash reads only non-default keys: a changed default keeps the name, not the run
+        aside = folder.with_name(folder.name + ".stale")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = folder.with_name(f"{folder.name}.stale{n}")
+        folder.rename(aside)
+        log(f"{name}: the cached run was trained with {', '.join(changed)}; moved it to "
+            f"{aside} and training again")
     if (model / "model_index.json").is_file():
         log(f"{name}: reusing {model}")
         return model
