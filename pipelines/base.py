@@ -150,9 +150,12 @@ class ConditionalPipeline(DiffusionPipeline):
             return "class"
         return "text" if text_encoder_of(self) is not None else "none"
 
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        states, _pooled = text_encoder_of(self)(prompts)
-        return states.to(self.device, self.network.dtype)
+    def encode_prompt(self, prompts: list[str], return_pooled: bool = False):
+        """The prompts' token states for the network; with ``return_pooled`` also their pooled
+        states (what MSD's router reads), from the same encoder call."""
+        states, pooled = text_encoder_of(self)(prompts)
+        states = states.to(self.device, self.network.dtype)
+        return (states, pooled.to(self.device)) if return_pooled else states
 
     def null_condition(self):
         """One sample's null condition: the null class index or the empty prompt's states."""
@@ -163,8 +166,9 @@ class ConditionalPipeline(DiffusionPipeline):
         return None
 
     def prepare_conditions(self, class_labels=None, prompt=None, batch_size: int = 1,
-                           num_per_condition: int = 1):
-        """(cond tensor or None, list of condition descriptions), repeated per condition."""
+                           num_per_condition: int = 1, return_pooled: bool = False):
+        """(cond tensor or None, list of condition descriptions), repeated per condition; with
+        ``return_pooled``, a text pipeline's cond is (token states, pooled states)."""
         kind = self.conditioning
         if kind == "class":
             if class_labels is None:
@@ -181,7 +185,7 @@ class ConditionalPipeline(DiffusionPipeline):
                 raise ValueError("this pipeline is text-conditional: pass prompt")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             prompts = [p for p in prompts for _ in range(num_per_condition)]
-            return self.encode_prompt(prompts), prompts
+            return self.encode_prompt(prompts, return_pooled), prompts
         if class_labels is not None or prompt is not None:
             raise ValueError("this pipeline is unconditional: pass neither class_labels nor prompt")
         return None, [None] * (batch_size * num_per_condition)

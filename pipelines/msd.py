@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from .base import ConditionalPipeline
-from .text import text_encoder_of
 
 
 class MSDPipeline(ConditionalPipeline):
@@ -24,14 +23,15 @@ class MSDPipeline(ConditionalPipeline):
                               text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
-    def route(self, cond, conditions: list) -> torch.Tensor:
-        """Student index of each sample: by class label, or by the prompt's pooled embedding."""
+    def route(self, cond, conditions: list) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the students' cond, the student index of each sample): by class label, or by the
+        prompt's pooled states (``cond`` is then the pair prepare_conditions gave)."""
         if self.conditioning == "text":
-            _states, pooled = text_encoder_of(self)(conditions)
-            return self.students.router(pooled).to(self.device)
+            states, pooled = cond
+            return states, self.students.router(pooled).to(self.device)
         if cond is None:
-            return torch.zeros(len(conditions), dtype=torch.long, device=self.device)
-        return self.students.router(cond)
+            return None, torch.zeros(len(conditions), dtype=torch.long, device=self.device)
+        return cond, self.students.router(cond)
 
     @torch.no_grad()
     def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
@@ -43,8 +43,8 @@ class MSDPipeline(ConditionalPipeline):
             raise ValueError(f"MSD students are 1-step generators: num_inference_steps must be "
                              f"1, got {num_inference_steps}")
         cond, conditions = self.prepare_conditions(class_labels, prompt, batch_size,
-                                                   num_per_condition)
-        student = self.route(cond, conditions)
+                                                   num_per_condition, return_pooled=True)
+        cond, student = self.route(cond, conditions)
         noise = self.initial_noise(len(conditions), self.students.config.sigma_max, generator,
                                    latents)
         x = self.students(noise, cond, student)

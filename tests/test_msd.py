@@ -259,11 +259,11 @@ def test_bad_msd_settings_are_one_line_errors(tmp_path):
     assert proc.returncode == 2 and "msd.partition: expected one of" in proc.stderr
 
 
-def test_prompt_students_route_by_the_pooled_text_embedding():
+def test_prompt_students_route_by_the_pooled_text_embedding(monkeypatch):
     from diffusers import UNet2DConditionModel
 
     from gendistill.pipelines import MSDPipeline, load_text_encoder
-    from gendistill.pipelines.text import MINILM
+    from gendistill.pipelines.text import MINILM, TextEncoder
 
     prompts = ["a low hum", "a bright bell", "rain on a roof", "a dog barking",
                "a deep drone", "a short click", "birds at dawn", "a car horn"]
@@ -274,7 +274,12 @@ def test_prompt_students_route_by_the_pooled_text_embedding():
     assert isinstance(nets[0], UNet2DConditionModel)
     pipe = MSDPipeline(students=MSDStudents.from_networks(nets, router, EDMDenoiser(nets[0], 0.5)),
                        text_encoder_name=MINILM)
+    calls = []
+    encode = TextEncoder.__call__
+    monkeypatch.setattr(TextEncoder, "__call__",
+                        lambda self, *a, **k: calls.append(a[0]) or encode(self, *a, **k))
     out = pipe(prompt=prompts, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert calls == [prompts]  # one encoder call gives the students' and the router's states
     assert out.students == router(pooled).tolist()
     assert sorted(out.students) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert out.samples.shape == (8, 1, 8, 8)
