@@ -51,14 +51,19 @@ def teacher_class_features(teacher, ds: Dataset, encode=lambda x: x) -> torch.Te
     return class_features(h, y, ds.num_classes)
 
 
-def pooled_captions(captions: list[str], encoder) -> torch.Tensor:
-    """The text encoder's pooled embedding of each caption (what the router reads)."""
-    return torch.cat([encoder(captions[i:i + 256])[1] for i in range(0, len(captions), 256)])
+def pooled_captions(ds: Dataset, teacher_pipe) -> tuple[list[str], torch.Tensor]:
+    """A text dataset's unique captions (sorted) and their pooled states from the teacher's
+    text encoder: what the router is built on and reads."""
+    captions = sorted(set(ds.captions))
+    encoder = text_encoder_of(teacher_pipe)
+    return captions, torch.cat([encoder(captions[i:i + 256])[1]
+                                for i in range(0, len(captions), 256)])
 
 
-def build_router(cfg: Config, ds: Dataset, teacher, teacher_pipe) -> Router:
+def build_router(cfg: Config, ds: Dataset, teacher, teacher_pipe, captions=None) -> Router:
     """The partition of ``ds``'s conditioning space among ``msd.num_students`` students:
-    classes by the teacher's features (kmeans), prompts by the teacher's text encoder."""
+    classes by the teacher's features (kmeans), prompts by their pooled states (``captions``,
+    from ``pooled_captions``)."""
     m = cfg.msd
     if (ds.conditioning == "text") != (m.partition == "balanced"):
         raise ConfigError(f"msd.partition: {ds.conditioning}-conditional data ({ds.name}) is "
@@ -72,9 +77,7 @@ def build_router(cfg: Config, ds: Dataset, teacher, teacher_pipe) -> Router:
             return partition_classes(m.partition, ds.num_classes, m.num_students, cfg.seed,
                                      features)
         if ds.conditioning == "text":
-            return Router.for_prompts(pooled_captions(sorted(set(ds.captions)),
-                                                      text_encoder_of(teacher_pipe)),
-                                      m.num_students)
+            return Router.for_prompts(captions[1], m.num_students)
     except PartitionError as e:
         raise ConfigError(f"msd: {e}") from None
     if m.num_students != 1:
@@ -83,14 +86,13 @@ def build_router(cfg: Config, ds: Dataset, teacher, teacher_pipe) -> Router:
     return Router({"kind": "single"})
 
 
-def part_of_each_sample(router: Router, ds: Dataset, teacher_pipe) -> torch.Tensor:
-    """The student index of every training sample (prompts read by the teacher's encoder)."""
+def part_of_each_sample(router: Router, ds: Dataset, captions=None) -> torch.Tensor:
+    """The student index of every training sample (a text dataset's from ``captions``, the
+    pair ``pooled_captions`` gave)."""
     if ds.conditioning == "class":
         return router(ds.y)
     if ds.conditioning == "text":
-        captions = sorted(set(ds.captions))
-        pooled = pooled_captions(captions, text_encoder_of(teacher_pipe))
-        part = dict(zip(captions, router(pooled).tolist()))
+        part = dict(zip(captions[0], router(captions[1]).tolist()))
         return torch.tensor([part[c] for c in ds.captions])
     return torch.zeros(len(ds), dtype=torch.long)
 
@@ -214,11 +216,12 @@ def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
     teacher = teacher_pipe.denoiser().eval().requires_grad_(False)
-    router = build_router(cfg, ds, teacher, teacher_pipe)
+    captions = pooled_captions(ds, teacher_pipe) if ds.conditioning == "text" else None
+    router = build_router(cfg, ds, teacher, teacher_pipe, captions)
     out.mkdir(parents=True, exist_ok=True)
     (out / "partition.json").write_text(json.dumps(router.state) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    parts = part_of_each_sample(router, ds, teacher_pipe)
+    parts = part_of_each_sample(router, ds, captions)
     pairs = regression_pairs(cfg, teacher, ds, cond, out)
     todo = range(router.num_students) if cfg.msd.student is None else [cfg.msd.student]
     for k in todo:
