@@ -19,7 +19,8 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
     heun = {"num_inference_steps": 6, "sampler": "heun"}
     preset = Preset(
         dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
-        students={"ctm": Student("configs/ctm/toy2d.yaml", ["ctm.num_grid=6"]),
+        students={"ctm": Student("configs/ctm/toy2d.yaml", ["ctm.num_grid=6",
+                                                            "ctm.guidance_max=3"]),
                   "ctm-flow": Student("configs/ctm/toy2d.yaml", ["ctm.num_grid=6"],
                                       teacher="teacher-flow")},
         other_teachers={"teacher-flow": "configs/teacher/toy2d.yaml"},
@@ -52,6 +53,14 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
                                "config.json").read_text())
     assert flow_student["teacher_scheduler"]["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert heun["score_name"] == "MMD²" and heun["cond_acc"] is None
+    # the CFG-distilled student's response to omega over its range, beside its teacher's
+    (response,) = saved["guidance_response"]
+    assert (response["model"], response["teacher"], response["omega"]) == ("ctm", "teacher",
+                                                                          [1.0, 3.0])
+    assert response["teacher_rms"] > 0
+    assert response["ratio"] == pytest.approx(response["rms"] / response["teacher_rms"],
+                                              abs=1e-4)
+    assert "| ctm-1 | 1 → 3 |" in (tmp_path / "out" / "results.md").read_text()
     for name in ("results.md", "samples.png", "score_vs_nfe.png"):
         assert (tmp_path / "out" / name).stat().st_size > 500
     # a second run reuses both trained models
@@ -163,3 +172,34 @@ def test_a_cached_run_trained_under_other_defaults_is_moved_aside_and_retrained(
     assert trained[0].output_dir == str(folder) and not trained[0].train.resume
     assert (tmp_path / f"{folder.name}.stale" / "model" / "model_index.json").is_file()
     assert "train.lr" in logs[0] and ".stale" in logs[0]
+
+
+def test_guidance_response_is_zero_for_a_student_blind_to_omega():
+    """A student built from a guided teacher starts with a zero omega embedding: its samples do
+    not move with omega, whatever the teacher's do."""
+    import torch
+    from diffusers import EDMEulerScheduler
+
+    from gendistill.eval.bench import guidance_response
+    from gendistill.models.networks import build_network
+    from gendistill.models.student import CTMStudent
+    from gendistill.pipelines import CTMPipeline, CTMScheduler, TeacherPipeline
+
+    torch.manual_seed(0)
+    net = build_network((2,), num_classes=4, width=32, depth=2)
+    teacher = TeacherPipeline(net, EDMEulerScheduler())
+    student = CTMPipeline(CTMStudent.from_teacher(net, 0.5, 0.002, embed_guidance=True),
+                          CTMScheduler())
+    for pipe in (teacher, student):
+        pipe.set_progress_bar_config(disable=True)
+    labels = [0, 1, 2, 3] * 4
+    heun = {"num_inference_steps": 6, "sampler": "heun"}
+    one = {"num_inference_steps": 1}
+    assert guidance_response(student, labels, one, 1.0, 5.0) == 0.0
+    kw = dict(class_labels=labels, output_type="latent", **heun)
+    a, b = (teacher(generator=torch.Generator().manual_seed(0), guidance_scale=w, **kw).samples
+            for w in (1.0, 5.0))
+    assert guidance_response(teacher, labels, heun, 1.0, 5.0) == pytest.approx(
+        float((a - b).pow(2).mean().sqrt()))
+    torch.nn.init.normal_(student.unet.guidance_embedding.linear_2.weight, std=0.1)
+    assert guidance_response(student, labels, one, 1.0, 5.0) > 0

@@ -400,6 +400,42 @@ def guidance_of(row: dict) -> float:
     return float(row.get("guidance", row["call"].get("guidance_scale", 1.0)))
 
 
+def guidance_response(pipe, conditions: list, call: dict, low: float, high: float) -> float:
+    """How much a pipeline's samples move with the guidance scale: the RMS change between
+    omega = ``low`` and ``high``, same conditions and noise. A CFG-distilled student that
+    ignores its omega input scores 0 whatever its FID."""
+    from ..generate import sample
+
+    text = isinstance(conditions[0], str)
+    args = (None, conditions) if text else (conditions, None)
+    a, b = (sample(pipe, *args, 1, 0, **{**call, "guidance_scale": w}).samples.float()
+            for w in (low, high))
+    return float((a - b).pow(2).mean().sqrt())
+
+
+def guidance_responses(preset: Preset, pipes: dict, folders: dict,
+                       conditions: list) -> list[dict]:
+    """For each CFG-distilled student, its 1-step response to omega over the range it was
+    distilled on, beside its teacher's Heun response over the same range."""
+    out = []
+    for row in preset.rows:
+        pipe = pipes[row.source]
+        if (row.control is not None or row.call.get("num_inference_steps") != 1
+                or not getattr(getattr(pipe, "unet", None), "has_guidance", False)
+                or any(r["model"] == row.source for r in out)):
+            continue
+        ctm = json.loads((Path(folders[row.source]).parent / "config.json").read_text())["ctm"]
+        low, high = ctm["guidance_min"], ctm["guidance_max"]
+        teacher = preset.reference(row)
+        heun = next(r for r in preset.rows if r.source == teacher and r.method == "heun")
+        student = guidance_response(pipe, conditions, row.call, low, high)
+        reference = guidance_response(pipes[teacher], conditions, heun.call, low, high)
+        out.append({"model": row.source, "row": row.model, "teacher": teacher,
+                    "omega": [low, high], "rms": round(student, 5),
+                    "teacher_rms": round(reference, 5), "ratio": round(student / reference, 4)})
+    return out
+
+
 def distilled_guidance(folder: Path) -> float:
     """The teacher's omega an MSD run's students were distilled against (its msd.guidance):
     they take no guidance scale, it is in their weights."""
@@ -490,6 +526,9 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         base = teacher_row_for(rows, r)
         r["speedup"] = round(base["ms_per_sample"] / r["ms_per_sample"], 2)
         r["score_ratio"] = round(r["score"] / base["score"], 4) if base["score"] else None
+    log("guidance response of the CFG-distilled students")
+    with torch.no_grad():
+        responses = guidance_responses(preset, pipes, folders, timing_conditions)
 
     results = {
         "preset": preset_name, "quick": quick,
@@ -499,7 +538,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         "num_samples": num_samples, "timing_batch": preset.timing_batch, "repeats": repeats,
         "train_seconds": train_seconds,
         "models": {k: str(v) for k, v in folders.items()},
-        "rows": rows, "seconds": round(time.time() - start, 1),
+        "rows": rows, "guidance_response": responses,
+        "seconds": round(time.time() - start, 1),
     }
     if test.kind == "audio":
         results["vocoder"] = vocoder_report(test, preset.timing_batch, repeats)
@@ -579,6 +619,15 @@ def results_markdown(results: dict) -> str:
                   "| --- | ---: | ---: |"]
         lines += [f"| {v['vocoder']} | {v['fad_vocoded_real']:.3g} | {v['ms_per_clip']:.2f} |"
                   for v in results["vocoder"]]
+    if results.get("guidance_response"):
+        lines += ["", "Response to the guidance scale ω (RMS change of the samples between the "
+                  "ends of the ω range the student was distilled on, same conditions and noise; "
+                  "the student's 1 step against its teacher's Heun; a student that ignores ω "
+                  "scores 0 whatever its FID):", "",
+                  "| model | ω | student | teacher | ratio |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {g['row']} | {g['omega'][0]:g} → {g['omega'][1]:g} | {g['rms']:.4g} | "
+                  f"{g['teacher_rms']:.4g} | {g['ratio']:.3g} |"
+                  for g in results["guidance_response"]]
     floor = rows[0].get("score_floor")
     if floor is not None:
         lines += ["", f"Reference: {score_name} of real data against real data = {floor:.4g}."]
