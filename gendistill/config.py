@@ -104,6 +104,8 @@ class CTMConfig:
     guidance_embed_scale: float = 1000.0  # the omega embedding reads this * omega (LCM's 1000)
     target_inner: str = "ema"      # the u -> s jump of the target: ema (theta-) or online
                                    # (theta without gradient, CTM); z0 maps to sigma_min with ema
+    embedding_lr_scale: float = 1.0  # lr multiplier of the new s / omega embeddings (the rest
+                                     # of the student starts trained, they start at zero)
 
 
 @dataclass
@@ -256,6 +258,7 @@ RANGES = {
     "ctm.guidance_max": (1, 100, False), "ctm.target_ema": (0, 1.0, False),
     "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),
     "ctm.s_log_scale": (0, 1e4, True), "ctm.guidance_embed_scale": (0, 1e4, True),
+    "ctm.embedding_lr_scale": (0, 1e4, True),
     "msd.num_students": (1, 4096, False), "msd.student": (0, 4095, False),
     "msd.student_width": (0, 1.0, True), "msd.tsm_steps": (0, INF, False),
     "msd.guidance": (1, 100, False), "msd.gen_update_ratio": (1, 1000, False),

@@ -367,6 +367,20 @@ def test_ctm_loss_wiring(tmp_path, monkeypatch, inner):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.model.parameters())
 
 
+def test_the_new_embeddings_learn_at_their_own_rate(tmp_path):
+    """ctm.embedding_lr_scale multiplies the lr of the s and omega embeddings only (the rest of
+    the student starts trained, they start at zero)."""
+    method = ctm_training(tmp_path, "ctm.embedding_lr_scale=10", "ctm.guidance_max=5")
+    rest, embeddings = method.optimizer.param_groups
+    student = method.model
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in embeddings["params"]} == {
+        "s_embedding", "guidance_embedding"}
+    assert len(rest["params"]) + len(embeddings["params"]) == len(list(student.parameters()))
+    assert embeddings["lr"] == pytest.approx(10 * rest["lr"])
+    assert rest["lr"] == method.cfg.train.lr
+
+
 def test_teacher_targets_run_in_fp32_under_autocast():
     """The training loop's autocast must not reach the teacher's Heun targets or features."""
     teacher = EDMDenoiser(build_network((2,), num_classes=4, width=32, depth=2), 0.5)

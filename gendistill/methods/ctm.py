@@ -182,7 +182,12 @@ class CTMTraining:
                                              guidance_embed_scale=c.guidance_embed_scale,
                                              teacher_scheduler=teacher.scheduler_config)
         self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
-        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.train.lr)
+        embeddings = list(self.model.embedding_parameters())
+        new = {id(p) for p in embeddings}
+        self.optimizer = torch.optim.RAdam(
+            [{"params": [p for p in self.model.parameters() if id(p) not in new]},
+             {"params": embeddings, "lr": cfg.train.lr * c.embedding_lr_scale}],
+            lr=cfg.train.lr)
         # theta-: the target network, its own EMA (the loop's EMA is what gets exported)
         self.target = EMA(self.model, c.target_ema, warmup=False)  # constant, as in CTM
         self.checkpointed = (self.target,)

@@ -84,6 +84,12 @@ class CTMStudent(ModelMixin, ConfigMixin):
         c = self.config
         return parameterized(self.network, c.teacher_scheduler, c.sigma_data, c.sigma_min)
 
+    def embedding_parameters(self):
+        """The parameters of the s (and omega) embeddings, the student's only new weights."""
+        yield from self.s_embedding.parameters()
+        if self.has_guidance:
+            yield from self.guidance_embedding.parameters()
+
     def _add_extra_embedding(self, _module, _inputs, output):
         return output if self._extra_embedding is None else output + self._extra_embedding
 
