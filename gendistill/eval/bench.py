@@ -144,6 +144,18 @@ TOY2D_ABLATION = {
     "new-l2": ["ctm.distance=l2"],
     "new-z0-online": ["ctm.match_point=z0", "ctm.target_inner=online"],
     "new-batch-64": ["train.batch_size=64"],
+    "new-embedding-lr10": ["ctm.embedding_lr_scale=10"],
+}
+
+# The digits counterpart (issue 7: ctm-1 stays behind its teacher; issue 9: the student reads
+# omega weakly): one change per row against configs/ctm/digits.yaml, 1 step at sampling, and
+# each CFG-distilled row's response to omega beside its teacher's.
+DIGITS_ABLATION = {
+    "default": [],
+    "steps-2400": ["train.max_steps=2400"],
+    "lr1e-3": ["train.lr=1e-3"],
+    "unguided": ["ctm.guidance_max=1"],
+    "embedding-lr10": ["ctm.embedding_lr_scale=10"],
 }
 
 MSD_VARIANTS = {"dmd2-k1": ["msd.num_students=1"], "msd-k2": ["msd.num_students=2"],
@@ -209,6 +221,19 @@ PRESETS = {
                                       for name in TOY2D_ABLATION],
         num_samples=4000, quick_num_samples=1000, quick_overrides=["train.max_steps=100"],
         timing_batch=256),
+    "digits-ablation": Preset(
+        dataset="digits", teacher_config="configs/teacher/digits.yaml",
+        students={name: Student("configs/ctm/digits.yaml", extra)
+                  for name, extra in DIGITS_ABLATION.items()},
+        rows=_teacher_rows(18)[:1] + [
+            Row("teacher", "heun-w3", "teacher",
+                {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0})]
+        + [Row(name, "ctm", name, {"num_inference_steps": 1, "guidance_scale": 1.0})
+           for name in DIGITS_ABLATION]
+        + [Row(f"{name}-w3", "ctm", name, {"num_inference_steps": 1, "guidance_scale": 3.0})
+           for name in DIGITS_ABLATION if name != "unguided"],
+        num_samples=1000, quick_num_samples=300,
+        quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
     # Multi-student distillation (issue 8): every student gets the config's steps and batch;
     # the narrow students spend the first steps on TSM, the adversarial ones the last quarter
     # on stage 2.
