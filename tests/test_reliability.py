@@ -264,3 +264,21 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, config):
         a, b = load_file(f), load_file(killed / "model" / f.relative_to(tmp_path / "whole" /
                                                                           "model"))
         assert all(a[k].equal(b[k]) for k in a), f"{f.name} differs after the resume"
+
+
+def test_a_run_from_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    """Upgrading gendistill mid-run adds config keys: their defaults are the old behaviour, so
+    the resume goes on; a new key set to anything else is a change like any other."""
+    import json
+
+    from gendistill.config import REPO_ROOT, load_config, to_dict
+    from gendistill.training.loop import TrainingError, check_resumable
+
+    cfg = load_config(REPO_ROOT / TINY[0], TINY[1:])
+    saved = to_dict(cfg)
+    del saved["edm"]["p_mean"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resumable(tmp_path, cfg)
+    cfg.edm.p_mean = -1.0
+    with pytest.raises(TrainingError, match=r"edm\.p_mean \(not in the run's config -> -1\.0\)"):
+        check_resumable(tmp_path, cfg)

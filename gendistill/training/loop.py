@@ -313,16 +313,22 @@ def check_resumable(out: Path, cfg: Config):
     except json.JSONDecodeError as e:
         raise TrainingError(f"{saved_file}: invalid JSON ({e}); cannot check the resume") \
             from None
-    new = flatten(to_dict(cfg))
+    new = flatten(json.loads(json.dumps(to_dict(cfg))))
+    # a key newer than the run (an upgrade mid-run) is unchanged while it keeps its default
+    defaults = flatten(json.loads(json.dumps(to_dict(type(cfg)()))))
+    missing = object()
     changed = sorted(k for k in saved.keys() | new.keys()
-                     if saved.get(k) != new.get(k) and k not in RESUME_FREE_KEYS)
+                     if saved.get(k, defaults.get(k, missing)) != new.get(k)
+                     and k not in RESUME_FREE_KEYS)
     if cfg.train.allow_config_change:
         changed = [k for k in changed if k not in RESUME_GUARDED_KEYS]
     if changed:
         hint = (" (train.allow_config_change=true allows batch size and lr)"
                 if set(changed) <= RESUME_GUARDED_KEYS else "")
+        before = {k: repr(saved[k]) if k in saved else "not in the run's config"
+                  for k in changed}
         raise TrainingError("cannot resume: the config differs from the run's in " + ", ".join(
-            f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in changed) + hint)
+            f"{k} ({before[k]} -> {new.get(k)!r})" for k in changed) + hint)
 
 
 def resume_from_checkpoint(accelerator, out: Path, counter: StepCounter):
