@@ -6,6 +6,7 @@ Every section is a dataclass; an unknown key, a value of the wrong type or a mis
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -357,3 +358,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls=Config
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def changed_keys(saved: dict, cfg, ignored=()) -> dict[str, str]:
+    """Where a run's saved config (as its config.json holds it) and ``cfg`` differ, outside
+    ``ignored``: {key: "key (before -> now)"}. A key newer than the run counts as unchanged
+    while it keeps its default: a new key's default is the old behaviour."""
+    def flat(c) -> dict:  # through JSON, as config.json has it (tuples become lists)
+        return flatten(json.loads(json.dumps(to_dict(c))))
+
+    saved, now, defaults = flatten(saved), flat(cfg), flat(type(cfg)())
+    missing, absent = object(), "not in the run's config"
+    return {k: f"{k} ({repr(saved[k]) if k in saved else absent} -> {now.get(k)!r})"
+            for k in sorted(saved.keys() | now.keys())
+            if k not in ignored and saved.get(k, defaults.get(k, missing)) != now.get(k)}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPO_ROOT, Config, flatten, load_config, to_dict
+from ..config import REPO_ROOT, Config, changed_keys, flatten, load_config, to_dict
 
 
 @dataclass
@@ -281,18 +281,14 @@ def config_hash(cfg) -> str:
 
 
 def stale_keys(folder: Path, cfg) -> list[str]:
-    """The keys whose value in a cached run's config.json differs from ``cfg``, as
-    "key (cached -> now)". Where and how long a resume runs do not count, nor the teacher's path
-    (the hash reads its weights); nor a key the cached run's version did not have, so a new key
-    must default to the old behaviour."""
+    """How a cached run's config.json differs from ``cfg`` ("key (cached -> now)"), leaving
+    out where it ran, on how many threads and whether it resumed, and the teacher's path (the
+    hash reads its weights)."""
     saved_file = folder / "config.json"
     if not saved_file.is_file():
         return []
-    saved = flatten(json.loads(saved_file.read_text()))
-    now = flatten(json.loads(json.dumps(to_dict(cfg))))  # tuples read back as lists
-    ignored = {"output_dir", "train.resume", "train.threads", "teacher"}
-    return [f"{k} ({saved[k]!r} -> {now[k]!r})" for k in sorted(saved.keys() & now.keys())
-            if k not in ignored and saved[k] != now[k]]
+    return list(changed_keys(json.loads(saved_file.read_text()), cfg,
+                             {"output_dir", "train.resume", "train.threads", "teacher"}).values())
 
 
 def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, log) -> Path:
@@ -452,7 +448,8 @@ def guidance_responses(preset: Preset, pipes: dict, folders: dict,
         ctm = json.loads((Path(folders[row.source]).parent / "config.json").read_text())["ctm"]
         low, high = ctm["guidance_min"], ctm["guidance_max"]
         teacher = preset.reference(row)
-        heun = next(r for r in preset.rows if r.source == teacher and r.method == "heun")
+        heun = next(r for r in preset.rows
+                    if r.source == teacher and r.method.startswith("heun"))
         student = guidance_response(pipe, conditions, row.call, low, high)
         reference = guidance_response(pipes[teacher], conditions, heun.call, low, high)
         out.append({"model": row.source, "row": row.model, "teacher": teacher,

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, flatten, to_dict
+from ..config import Config, ConfigError, changed_keys, to_dict
 from ..models.networks import without_label_dropout
 from .ema import EMA
 
@@ -309,26 +309,18 @@ def check_resumable(out: Path, cfg: Config):
     if not saved_file.is_file():
         return
     try:
-        saved = flatten(json.loads(saved_file.read_text()))
+        saved = json.loads(saved_file.read_text())
     except json.JSONDecodeError as e:
         raise TrainingError(f"{saved_file}: invalid JSON ({e}); cannot check the resume") \
             from None
-    new = flatten(json.loads(json.dumps(to_dict(cfg))))
-    # a key newer than the run (an upgrade mid-run) is unchanged while it keeps its default
-    defaults = flatten(json.loads(json.dumps(to_dict(type(cfg)()))))
-    missing = object()
-    changed = sorted(k for k in saved.keys() | new.keys()
-                     if saved.get(k, defaults.get(k, missing)) != new.get(k)
-                     and k not in RESUME_FREE_KEYS)
+    changed = changed_keys(saved, cfg, RESUME_FREE_KEYS)
     if cfg.train.allow_config_change:
-        changed = [k for k in changed if k not in RESUME_GUARDED_KEYS]
+        changed = {k: v for k, v in changed.items() if k not in RESUME_GUARDED_KEYS}
     if changed:
         hint = (" (train.allow_config_change=true allows batch size and lr)"
                 if set(changed) <= RESUME_GUARDED_KEYS else "")
-        before = {k: repr(saved[k]) if k in saved else "not in the run's config"
-                  for k in changed}
-        raise TrainingError("cannot resume: the config differs from the run's in " + ", ".join(
-            f"{k} ({before[k]} -> {new.get(k)!r})" for k in changed) + hint)
+        raise TrainingError("cannot resume: the config differs from the run's in "
+                            + ", ".join(changed.values()) + hint)
 
 
 def resume_from_checkpoint(accelerator, out: Path, counter: StepCounter):
