@@ -156,6 +156,7 @@ DIGITS_ABLATION = {
     "lr1e-3": ["train.lr=1e-3"],
     "unguided": ["ctm.guidance_max=1"],
     "embedding-lr10": ["ctm.embedding_lr_scale=10"],
+    "embedding-lr30": ["ctm.embedding_lr_scale=30"],
 }
 
 MSD_VARIANTS = {"dmd2-k1": ["msd.num_students=1"], "msd-k2": ["msd.num_students=2"],
