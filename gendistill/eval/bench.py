@@ -154,7 +154,6 @@ DIGITS_ABLATION = {
     "default": [],
     "steps-2400": ["train.max_steps=2400"],
     "lr1e-3": ["train.lr=1e-3"],
-    "unguided": ["ctm.guidance_max=1"],
     "embedding-lr10": ["ctm.embedding_lr_scale=10"],
     "embedding-lr30": ["ctm.embedding_lr_scale=30"],
 }
@@ -232,7 +231,7 @@ PRESETS = {
         + [Row(name, "ctm", name, {"num_inference_steps": 1, "guidance_scale": 1.0})
            for name in DIGITS_ABLATION]
         + [Row(f"{name}-w3", "ctm", name, {"num_inference_steps": 1, "guidance_scale": 3.0})
-           for name in DIGITS_ABLATION if name != "unguided"],
+           for name in DIGITS_ABLATION],
         num_samples=1000, quick_num_samples=300,
         quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
     # Multi-student distillation (issue 8): every student gets the config's steps and batch;
