@@ -82,5 +82,9 @@ class MelVocoder(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, 1, n_mels, frames) normalised log-mel -> (B, T) waveforms."""
-        wave = self.griffin_lim(self.linear_magnitude(features.cpu()))
+        # Griffin-Lim starts from random phases: a fixed seed gives the same audio for the same
+        # mel on every run, and leaves the caller's random stream as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            wave = self.griffin_lim(self.linear_magnitude(features.cpu()))
         return wave[..., :self.config.num_samples]

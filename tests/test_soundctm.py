@@ -74,6 +74,18 @@ def test_negative_prompt_is_what_nu_interpolates_from(sound_pipe):
         sound_pipe("a siren", negative_prompt="a tone")
 
 
+def test_vocoding_is_deterministic_and_leaves_the_random_stream_alone(vocoder, real_clips):
+    """Griffin-Lim's random initial phases come from a fixed seed: the same mel gives the same
+    audio on every call (a seeded `generate` writes the same WAV), and the caller's stream does
+    not move."""
+    features = real_clips[1][:2]
+    state = torch.random.get_rng_state()
+    first = vocoder(features)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.rand(7)  # another global state: same audio
+    assert torch.equal(vocoder(features), first)
+
+
 def test_loudness_of_the_log_mels_is_the_loudness_of_the_vocoded_audio(vocoder, real_clips):
     waves, features = real_clips
     predicted = to_db(vocoder.frame_rms(vocoder.linear_magnitude(features)))
