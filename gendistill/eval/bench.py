@@ -438,7 +438,7 @@ def guidance_responses(preset: Preset, pipes: dict, folders: dict,
                        conditions: list) -> list[dict]:
     """For each CFG-distilled student, its 1-step response to omega over the range it was
     distilled on, beside its teacher's Heun response over the same range."""
-    out = []
+    out, teacher_rms = [], {}  # students of one teacher over one range share its Heun solves
     for row in preset.rows:
         pipe = pipes[row.source]
         if (row.control is not None or row.call.get("num_inference_steps") != 1
@@ -451,7 +451,10 @@ def guidance_responses(preset: Preset, pipes: dict, folders: dict,
         heun = next(r for r in preset.rows
                     if r.source == teacher and r.method.startswith("heun"))
         student = guidance_response(pipe, conditions, row.call, low, high)
-        reference = guidance_response(pipes[teacher], conditions, heun.call, low, high)
+        if (teacher, low, high) not in teacher_rms:
+            teacher_rms[teacher, low, high] = guidance_response(pipes[teacher], conditions,
+                                                                heun.call, low, high)
+        reference = teacher_rms[teacher, low, high]
         out.append({"model": row.source, "row": row.model, "teacher": teacher,
                     "omega": [low, high], "rms": round(student, 5),
                     "teacher_rms": round(reference, 5), "ratio": round(student / reference, 4)})
