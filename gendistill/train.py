@@ -111,12 +111,12 @@ def run_training(cfg: Config) -> Path:
     # Seed before anything random is built (the network's initial weights, the student's new
     # embeddings): every rank starts from the same weights and two runs of one seed agree.
     set_seed(cfg.seed)
-    ds = load_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.kind)
-    teacher = None
-    if cfg.method in ("ctm", "msd"):
-        teacher = load_teacher(cfg)
-        if (why := mismatch(teacher, ds)) is not None:
-            raise ConfigError(f"teacher: the model {why}")
+    teacher = load_teacher(cfg) if cfg.method in ("ctm", "msd") else None
+    # a user's audio is made into the teacher's own log-mels where it has its own vocoder
+    ds = load_dataset(cfg.data.name, "train", cfg.data.path, cfg.data.kind,
+                      getattr(teacher, "vocoder", None))
+    if teacher is not None and (why := mismatch(teacher, ds)) is not None:
+        raise ConfigError(f"teacher: the model {why}")
     # captions are encoded as the teacher encodes prompts (its own text encoder, or MiniLM)
     cond, null_cond = condition_tensors(ds, None if teacher is None else text_encoder_of(teacher))
     if cfg.method == "teacher":

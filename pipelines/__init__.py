@@ -4,7 +4,7 @@
 import gendistill.models.networks  # noqa: F401
 import gendistill.models.msd  # noqa: F401
 import gendistill.models.student  # noqa: F401
-from .audio import MelVocoder
+from .audio import HifiGanVocoder, MelVocoder
 from .base import ConditionalPipeline, SamplesOutput
 from .control import LoudnessControl, SpectralMaskControl
 from .ctm import CTMPipeline, CTMScheduler, SoundCTMPipeline
@@ -12,9 +12,10 @@ from .msd import MSDPipeline
 from .teacher import TeacherPipeline
 from .text import TextEncoder, load_text_encoder
 
-__all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "LoudnessControl",
-           "MSDPipeline", "MelVocoder", "SamplesOutput", "SoundCTMPipeline", "SpectralMaskControl",
-           "TeacherPipeline", "TextEncoder", "load_pipeline", "load_text_encoder", "model_folder"]
+__all__ = ["CTMPipeline", "CTMScheduler", "ConditionalPipeline", "HifiGanVocoder",
+           "LoudnessControl", "MSDPipeline", "MelVocoder", "SamplesOutput", "SoundCTMPipeline",
+           "SpectralMaskControl", "TeacherPipeline", "TextEncoder", "load_pipeline",
+           "load_text_encoder", "model_folder"]
 
 
 def load_pipeline(path, **kwargs):
@@ -49,15 +50,36 @@ def load_pipeline(path, **kwargs):
     encoder, tokenizer = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
     if encoder is not None:
         check_text_encoder(index, name, pipe, network, encoder, tokenizer)
-    return TeacherPipeline(unet=network, scheduler=pipe.scheduler,
-                           vae=getattr(pipe, "vae", None), text_encoder=encoder,
-                           tokenizer=tokenizer if encoder is not None else None)
+    teacher = TeacherPipeline(unet=network, scheduler=pipe.scheduler,
+                              vae=getattr(pipe, "vae", None), text_encoder=encoder,
+                              tokenizer=tokenizer if encoder is not None else None)
+    vocoder = getattr(pipe, "vocoder", None)
+    if vocoder is not None:
+        teacher.register_modules(vocoder=foreign_vocoder(index, name, vocoder, teacher))
+    return teacher
+
+
+def foreign_vocoder(index, name, vocoder, teacher):
+    """A foreign audio teacher's vocoder as a component that also makes its data: AudioLDM's
+    SpeechT5 HiFi-GAN, whose input width must be the mel bins the teacher's samples have."""
+    from .base import data_shape
+
+    if type(vocoder).__name__ != "SpeechT5HifiGan":
+        raise ValueError(f"{index}: {name} has a {type(vocoder).__name__} vocoder; supported: "
+                         f"SpeechT5HifiGan (AudioLDM) and gendistill's MelVocoder")
+    _, frames, mels = data_shape(teacher)
+    if mels != vocoder.config.model_in_dim:
+        raise ValueError(f"{index}: {name}'s samples have {mels} mel bins, its vocoder "
+                         f"(SpeechT5HifiGan) reads {vocoder.config.model_in_dim}")
+    return HifiGanVocoder.wrap(vocoder, frames)
 
 
 def check_text_encoder(index, name, pipe, network, encoder, tokenizer):
     """A foreign teacher's prompts are encoded by its own text encoder into the network's
-    cross-attention: one encoder with its tokenizer, whose width the network reads."""
+    cross-attention (or, AudioLDM, its class embedding): one encoder with its tokenizer, whose
+    width the network reads."""
     from .base import base_config
+    from .text import reads_text_embeds
 
     extra = [key for key in ("text_encoder_2", "text_encoder_3")
              if getattr(pipe, key, None) is not None]
@@ -67,11 +89,18 @@ def check_text_encoder(index, name, pipe, network, encoder, tokenizer):
     if tokenizer is None:
         raise ValueError(f"{index}: {name} has a text_encoder but no tokenizer")
     cfg = base_config(network)
-    width = cfg.get("caption_channels") or cfg.get("cross_attention_dim")  # PixArt: T5 width
-    if width != encoder.config.hidden_size:
+    if reads_text_embeds(network):  # AudioLDM: CLAP's projected embedding as class embedding
+        width, reads = cfg.get("projection_class_embeddings_input_dim"), "class embedding"
+        gives = getattr(encoder.config, "projection_dim", None)
+        if not hasattr(encoder, "text_projection"):
+            raise ValueError(f"{index}: {name}'s network reads a projected text embedding, its "
+                             f"text encoder ({type(encoder).__name__}) has no projection")
+    else:
+        width = cfg.get("caption_channels") or cfg.get("cross_attention_dim")  # PixArt: T5's
+        reads, gives = "cross-attention", encoder.config.hidden_size
+    if width != gives:
         raise ValueError(f"{index}: {name}'s text encoder ({type(encoder).__name__}) gives "
-                         f"{encoder.config.hidden_size}-wide states, its network's "
-                         f"cross-attention reads {width}")
+                         f"{gives}-wide states, its network's {reads} reads {width}")
 
 
 def model_folder(path):

@@ -1,7 +1,8 @@
-"""Log-mel features and the Griffin-Lim vocoder, as a diffusers component.
+"""Log-mel features and vocoders, as diffusers components.
 
-Audio models work on normalised log-mel spectrograms shaped like 1-channel images; the
-``MelVocoder`` saved with each audio pipeline turns waveforms into that space and back.
+Audio models work on log-mel spectrograms shaped like 1-channel images; the vocoder saved with
+each audio pipeline turns waveforms into that space and back: gendistill's ``MelVocoder``
+(normalised log-mels, Griffin-Lim), or an AudioLDM teacher's HiFi-GAN as ``HifiGanVocoder``.
 """
 from __future__ import annotations
 
@@ -88,3 +89,61 @@ class MelVocoder(ModelMixin, ConfigMixin):
             torch.manual_seed(0)
             wave = self.griffin_lim(self.linear_magnitude(features.cpu()))
         return wave[..., :self.config.num_samples]
+
+
+class HifiGanVocoder(ModelMixin, ConfigMixin):
+    """AudioLDM's audio space and vocoder, as a diffusers component: waveform <-> log-mel frames
+    (B, 1, frames, n_mels), the layout AudioLDM's VAE reads (time down, mel bins across).
+
+    ``encode`` follows AudioLDM's published STFT settings (its TacotronSTFT): the waveform
+    centred and scaled to a peak of 0.5, reflect-padded by (n_fft - hop) / 2, Hann-windowed
+    magnitudes, Slaney mel filters from ``f_min`` to ``f_max``, natural log clamped at 1e-5.
+    ``forward`` is the teacher's own SpeechT5 HiFi-GAN (``hifigan_config``: its config). The
+    hop is the HiFi-GAN's total upsampling and the mel bins its input width, so the two agree.
+    """
+
+    @register_to_config
+    def __init__(self, hifigan_config: dict | None = None, sample_rate: int = 16000,
+                 num_samples: int = 81920, n_fft: int = 1024, f_min: float = 0.0,
+                 f_max: float = 8000.0):
+        super().__init__()
+        from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+        self.hifigan = SpeechT5HifiGan(SpeechT5HifiGanConfig(**(hifigan_config or {})))
+        self.hop_length = int(torch.tensor(self.hifigan.config.upsample_rates).prod())
+        self.n_mels = self.hifigan.config.model_in_dim
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.register_buffer("filters", torchaudio.functional.melscale_fbanks(
+            n_fft // 2 + 1, f_min, f_max, self.n_mels, sample_rate, norm="slaney",
+            mel_scale="slaney"), persistent=False)
+
+    @classmethod
+    def wrap(cls, hifigan, num_frames: int) -> "HifiGanVocoder":
+        """A teacher's ``SpeechT5HifiGan`` with clips of ``num_frames`` mel frames."""
+        config = hifigan.config.to_dict()
+        hop = int(torch.tensor(config["upsample_rates"]).prod())
+        vocoder = cls(hifigan_config=config, sample_rate=config["sampling_rate"],
+                      num_samples=num_frames * hop)
+        vocoder.hifigan.load_state_dict(hifigan.state_dict())
+        return vocoder if hifigan.dtype == torch.float32 else vocoder.to(hifigan.dtype)
+
+    @property
+    def num_frames(self) -> int:
+        return self.config.num_samples // self.hop_length
+
+    def encode(self, wave: torch.Tensor) -> torch.Tensor:
+        """(B, T) waveforms -> (B, 1, frames, n_mels) log-mel."""
+        wave = wave.float() - wave.float().mean(-1, keepdim=True)
+        wave = 0.5 * wave / (wave.abs().amax(-1, keepdim=True) + 1e-8)
+        pad = (self.config.n_fft - self.hop_length) // 2
+        wave = torch.nn.functional.pad(wave.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+        magnitude = torch.stft(wave, self.config.n_fft, self.hop_length, window=self.window,
+                               center=False, return_complex=True).abs()
+        mel = (self.filters.T @ magnitude).clamp_min(1e-5).log()
+        return mel.transpose(1, 2).unsqueeze(1)[:, :, :self.num_frames]
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 1, frames, n_mels) log-mel -> (B, T) waveforms."""
+        wave = self.hifigan(features.squeeze(1).to(self.hifigan.dtype))
+        return wave.reshape(len(features), -1)[:, :self.config.num_samples].float()

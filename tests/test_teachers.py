@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMScheduler, EDMEulerScheduler,
                        FlowMatchEulerDiscreteScheduler, UNet2DModel)
@@ -253,8 +254,8 @@ def test_dit_teacher_and_its_ctm_student_through_the_cli(tmp_path):
     assert type(pipe.unet.parameterization) is VPDenoiser
 
 
-def tiny_audioldm(folder):
-    """An AudioLDM-shaped teacher, randomly initialised real diffusers components: a
+def tiny_latent_mel_teacher(folder):
+    """A latent text-to-mel teacher, randomly initialised real diffusers components: a
     VAE over the 1 x 32 x 32 mel spectrogram (4 x 16 x 16 latents), a text UNet on the latents,
     a VP epsilon scheduler, the vocoder and the text encoder by name."""
     from diffusers import AutoencoderKL
@@ -279,7 +280,7 @@ def tiny_audioldm(folder):
 def test_latent_teacher_is_distilled_in_latent_space_and_decoded_by_its_vae(tmp_path):
     from test_cli import run
 
-    vae = tiny_audioldm(tmp_path / "teacher")
+    vae = tiny_latent_mel_teacher(tmp_path / "teacher")
     teacher = TeacherPipeline.from_pretrained(tmp_path / "teacher")
     out = teacher(prompt="a quiet low hum", num_inference_steps=2, output_type="latent")
     assert out.samples.shape == (1, 4, 16, 16)                        # diffusers' meaning
@@ -377,6 +378,133 @@ def test_a_latent_teachers_own_clip_encoder_conditions_its_ctm_and_msd_students(
     torch.testing.assert_close(out.latents, msd.decode(out.samples))
 
 
+def tiny_audioldm(folder, mel_bins: int = 16):
+    """An AudioLDM-shaped text-to-sound teacher saved by diffusers' own AudioLDMPipeline,
+    randomly initialised: a CLAP text encoder with projection and a RoBERTa tokenizer (a
+    character vocabulary), a VAE over (1, 32 frames, 16 mel bins) log-mels, a UNet that reads
+    CLAP's projected embedding through its class embedding (concatenated to the time
+    embedding, no cross-attention states), a DDIM scheduler and a SpeechT5 HiFi-GAN with
+    AudioLDM's hop of 160 samples."""
+    import string
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.audioldm.pipeline_audioldm import AudioLDMPipeline
+    from transformers import (ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer,
+                              SpeechT5HifiGan, SpeechT5HifiGanConfig)
+
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "\u0120", *string.ascii_lowercase]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = RobertaTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                 model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = ClapTextModelWithProjection(ClapTextConfig(
+        vocab_size=len(tokens), hidden_size=16, projection_dim=8, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=90,
+        pad_token_id=1)).eval()  # as from_pretrained gives it: CLAP has dropout
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=32)
+    unet = UNet2DConditionModel(
+        sample_size=(16, mel_bins // 2), in_channels=4, out_channels=4,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=(8, 16),
+        class_embed_type="simple_projection", projection_class_embeddings_input_dim=8,
+        class_embeddings_concat=True)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=16, upsample_initial_channel=16, upsample_rates=[8, 5, 4],
+        upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]], normalize_before=False))
+    pipe = AudioLDMPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDIMScheduler(), vocoder=vocoder)
+    pipe.save_pretrained(folder / "audioldm")
+    return pipe
+
+
+def test_audioldm_vocoder_keeps_its_hifigan_and_makes_its_log_mels(tmp_path):
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from gendistill.pipelines import HifiGanVocoder
+
+    torch.manual_seed(0)
+    hifigan = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=16, upsample_initial_channel=16, upsample_rates=[8, 5, 4],
+        upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]], normalize_before=False))
+    vocoder = HifiGanVocoder.wrap(hifigan, num_frames=32)
+    assert (vocoder.hop_length, vocoder.num_frames, vocoder.config.num_samples) == (160, 32, 5120)
+    mel = torch.randn(2, 1, 32, 16)
+    with torch.no_grad():
+        # cut to the clip, as AudioLDM's pipeline cuts (the transposed convolutions add a few)
+        torch.testing.assert_close(vocoder(mel), hifigan(mel.squeeze(1))[:, :5120], rtol=0,
+                                   atol=0)
+    vocoder.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(HifiGanVocoder.from_pretrained(tmp_path)(mel), vocoder(mel))
+    # a 2 kHz tone, at any level: the log-mel frames (time down, mel bins across) peak in the
+    # bin whose Slaney filter is centred nearest 2 kHz, and the level is normalised away
+    t = torch.arange(5120) / 16000
+    tone = torch.sin(2 * torch.pi * 2000 * t)
+    features = vocoder.encode(torch.stack([tone, 0.01 * tone]))
+    assert features.shape == (2, 1, 32, 16)
+    centres = vocoder.filters.argmax(0).float() * 8000 / (vocoder.filters.shape[0] - 1)
+    assert (features[0, 0].argmax(1) == (centres - 2000).abs().argmin()).all()
+    torch.testing.assert_close(features[0], features[1], rtol=0, atol=5e-3)
+
+
+@pytest.mark.slow
+def test_an_audioldm_teacher_is_distilled_with_its_clap_embedding_and_vocoder(tmp_path):
+    from test_cli import run
+    from test_soundctm import tone, write_folder
+
+    from gendistill.pipelines import HifiGanVocoder, SoundCTMPipeline, load_pipeline
+
+    audioldm = tiny_audioldm(tmp_path)
+    teacher = load_pipeline(tmp_path / "audioldm")
+    assert teacher.conditioning == "text" and isinstance(teacher.vocoder, HifiGanVocoder)
+    prompts = ["a loud high beep", ""]
+    expected = audioldm._encode_prompt(prompts, "cpu", 1, False)  # diffusers' own convention
+    assert expected.shape == (2, 8)                  # CLAP's projected, normalised embedding
+    torch.testing.assert_close(teacher.encode_prompt(prompts), expected, rtol=0, atol=0)
+    # the teacher's network call is AudioLDM's: the embedding as class labels, no text states
+    x, t = torch.randn(2, 4, 16, 8), torch.tensor([999, 500])
+    with torch.no_grad():
+        eps = audioldm.unet(x, t, encoder_hidden_states=None, class_labels=expected).sample
+        scheduler = audioldm.scheduler
+        alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        sigma = ((1 - alpha) / alpha).sqrt()                 # x_sigma = x_t / sqrt(alpha)
+        x0 = teacher.denoiser()(x / alpha.sqrt(), sigma.flatten(), expected)
+    same(x0, x / alpha.sqrt() - sigma * eps, sigma.flatten())
+    # a CTM student of it (s / omega embeddings beside the concatenated class embedding) is it
+    denoiser = teacher.denoiser()
+    student = student_of(denoiser, teacher.scheduler, teacher.unet)
+    with torch.no_grad():
+        same(student(x / alpha.sqrt(), sigma.flatten(), 0.0, expected, 3.0), x0,
+             sigma.flatten())
+    # its student learns from a folder of the user's audio, made into AudioLDM's log-mels
+    rate = 16000
+    files = {f"{n}.wav": (tone(rate, seconds=0.32, freq=f), rate)
+             for n, f in (("beep", 2000), ("hum", 200), ("mid", 800), ("high", 4000))}
+    write_folder(tmp_path / "sounds", [(n, f"a {n[:-4]}") for n in files], files)
+    run("train", "configs/ctm/synthsounds.yaml", f"output_dir={tmp_path / 'ctm'}",
+        f"teacher={tmp_path / 'audioldm'}", "data.name=audiofolder",
+        f"data.path={tmp_path / 'sounds'}", "ctm.num_grid=4", "ctm.max_jump=2",
+        "train.max_steps=2", "train.batch_size=4", "train.checkpoint_every=0")
+    student = SoundCTMPipeline.from_pretrained(tmp_path / "ctm" / "model")
+    assert isinstance(student.vocoder, HifiGanVocoder)
+    torch.testing.assert_close(student.encode_prompt(prompts), expected, rtol=0, atol=0)
+    run("generate", str(tmp_path / "ctm"), "--prompt", "a beep", "--num-samples", "1",
+        "--out", str(tmp_path / "beep.wav"))
+    wave, rate = sf.read(tmp_path / "beep.wav")
+    assert rate == 16000 and len(wave) == 5120 and np.isfinite(wave).all()
+    bad = run("generate", str(tmp_path / "ctm"), "--prompt", "a beep", "--mask", "0:4",
+              "--out", str(tmp_path / "masked.wav"), check=False)
+    assert bad.returncode == 2 and "samples are VAE latents" in bad.stderr, bad.stderr
+
+
 def test_a_foreign_teacher_whose_text_encoder_does_not_fit_is_refused_by_name(tmp_path):
     from gendistill.pipelines import load_pipeline
 
@@ -385,6 +513,15 @@ def test_a_foreign_teacher_whose_text_encoder_does_not_fit_is_refused_by_name(tm
                        r"\(CLIPTextModel\) gives 32-wide states, its network's cross-attention "
                        r"reads 48"):
         load_pipeline(tmp_path / "sd")
+
+
+def test_an_audioldm_teacher_whose_vocoder_does_not_fit_is_refused_by_name(tmp_path):
+    from gendistill.pipelines import load_pipeline
+
+    tiny_audioldm(tmp_path, mel_bins=8)  # its samples have 8 mel bins, its HiFi-GAN reads 16
+    with pytest.raises(ValueError, match=r"AudioLDMPipeline's samples have 8 mel bins, its "
+                       r"vocoder \(SpeechT5HifiGan\) reads 16"):
+        load_pipeline(tmp_path / "audioldm")
 
 
 def test_unsupported_scheduler_or_network_is_a_one_line_error(tmp_path):

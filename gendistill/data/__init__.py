@@ -13,9 +13,10 @@ BUILTIN = {"toy2d": load_toy2d, "digits": load_digits, "synthsounds": load_synth
 
 
 def load_dataset(name: str, split: str = "train", path: str | None = None,
-                 kind: str | None = None) -> Dataset:
+                 kind: str | None = None, vocoder=None) -> Dataset:
     """A built-in dataset by name, or user data: ``name="npz"`` with ``path`` a .npz file,
-    ``name="audiofolder"`` with ``path`` a folder of captioned audio."""
+    ``name="audiofolder"`` with ``path`` a folder of captioned audio, encoded by ``vocoder`` (a
+    teacher's) where given."""
     if name == "npz":
         if not path:
             raise DataError("data.name=npz needs data.path=FILE.npz")
@@ -23,7 +24,7 @@ def load_dataset(name: str, split: str = "train", path: str | None = None,
     if name == "audiofolder":
         if not path:
             raise DataError("data.name=audiofolder needs data.path=DIR")
-        return load_audiofolder(path)
+        return load_audiofolder(path, vocoder)
     if name not in BUILTIN:
         raise DataError(f"unknown dataset {name!r}; choose one of "
                         f"{', '.join([*BUILTIN, 'npz', 'audiofolder'])}")

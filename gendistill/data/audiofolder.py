@@ -4,7 +4,8 @@ Hugging Face audiofolder convention.
 Files are read with soundfile, mixed down to mono, resampled with torchaudio to the vocoder's
 rate (16 kHz by default), cut or zero-padded to its clip length (~1 s) and turned into
 normalised log-mels. A file at a lower rate than the model's is refused: upsampling cannot
-bring back the missing band, and the model would learn silence there.
+bring back the missing band, and the model would learn silence there. Distilling a teacher
+with its own vocoder (AudioLDM's HiFi-GAN), the clips are that vocoder's length and log-mels.
 """
 from __future__ import annotations
 
@@ -69,18 +70,20 @@ def read_clip(path: Path, sample_rate: int, num_samples: int) -> torch.Tensor:
     return clip
 
 
-def load_audiofolder(folder: str | Path) -> Dataset:
+def load_audiofolder(folder: str | Path, vocoder=None) -> Dataset:
+    """The folder's clips as ``vocoder`` encodes them (a teacher's; default gendistill's
+    MelVocoder)."""
     from ..pipelines.audio import MelVocoder
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"audio folder not found: {folder}")
     rows = read_metadata(folder)
-    vocoder = MelVocoder()
+    vocoder = MelVocoder() if vocoder is None else vocoder
     cfg = vocoder.config
     waves = torch.stack([read_clip(folder / name, cfg.sample_rate, cfg.num_samples)
                          for name, _ in rows])
     with torch.no_grad():
         x = vocoder.encode(waves)
     return Dataset(folder.name, "audio", x, captions=[caption for _, caption in rows],
-                   vocoder=dict(cfg))
+                   vocoder=dict(cfg) if isinstance(vocoder, MelVocoder) else None)

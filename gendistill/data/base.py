@@ -16,7 +16,8 @@ class Dataset:
     """Training samples ``x`` with their conditions: int labels ``y`` or ``captions``.
 
     ``kind`` is "vector" (N, D), "image" (N, C, H, W) or "audio" (log-mel images, with the
-    ``vocoder`` config that maps them back to waveforms). ``sample_true(labels, generator)``
+    config of the ``MelVocoder`` that maps them back to waveforms; None for another vocoder's
+    log-mels, a teacher's own). ``sample_true(labels, generator)``
     draws fresh samples of the exact distribution where it is known (toy2d).
     """
 

@@ -20,12 +20,16 @@ def is_class_cond(cond) -> bool:
 
 
 def call_network(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond=None):
-    """Call a diffusers-style network with class labels (int tensor) or token states (float).
-    The timestep goes by name: transformers take ``encoder_hidden_states`` second."""
+    """Call a diffusers-style network with class labels (int tensor), token states (float,
+    B x L x D) or a projected text embedding (float, B x D: AudioLDM's UNet reads it through
+    its class embedding and has no cross-attention states). The timestep goes by name:
+    transformers take ``encoder_hidden_states`` second."""
     if cond is None:
         out = net(x, timestep=timestep)
     elif is_class_cond(cond):
         out = net(x, timestep=timestep, class_labels=cond)
+    elif cond.ndim == 2:
+        out = net(x, timestep=timestep, encoder_hidden_states=None, class_labels=cond)
     else:
         out = net(x, timestep=timestep, encoder_hidden_states=cond)
     return out.sample if hasattr(out, "sample") else out
