@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gendistill demo --out samples
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The GPU paths (bf16, fp16, xformers, torch.compile) and their speed; needs a CUDA GPU.
 gpu-check: $(STAMP)

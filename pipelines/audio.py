@@ -133,7 +133,8 @@ class HifiGanVocoder(ModelMixin, ConfigMixin):
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, T) waveforms -> (B, 1, frames, n_mels) log-mel."""
-        wave = wave.float() - wave.float().mean(-1, keepdim=True)
+        wave = wave.float()
+        wave = wave - wave.mean(-1, keepdim=True)
         wave = 0.5 * wave / (wave.abs().amax(-1, keepdim=True) + 1e-8)
         pad = (self.config.n_fft - self.hop_length) // 2
         wave = torch.nn.functional.pad(wave.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)

@@ -108,4 +108,4 @@ def reads_text_embeds(net) -> bool:
     embedding (AudioLDM's UNet) rather than token states through cross-attention."""
     from .base import base_config
 
-    return base_config(net).get("class_embed_type") in ("projection", "simple_projection")
+    return base_config(net).get("class_embed_type") == "simple_projection"
