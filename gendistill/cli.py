@@ -151,16 +151,15 @@ def mask_from_flag(spec: str, pipe):
 
 def control_from_args(pipe, args):
     """A control object from --loudness / --mask (None without them)."""
-    from .pipelines.control import LoudnessControl, SpectralMaskControl
+    from .pipelines.control import LoudnessControl, SpectralMaskControl, control_unsupported
 
     if args.loudness is None and args.mask is None:
         return None
     flag = "--loudness" if args.loudness is not None else "--mask"
     if getattr(pipe, "vocoder", None) is None or not accepts(pipe, "control"):
         raise UsageError(f"{flag}: training-free control needs an audio CTM student")
-    if getattr(pipe, "vae", None) is not None:
-        raise UsageError(f"{flag}: training-free control reads mel spectrograms; this "
-                         f"student's samples are VAE latents (a latent teacher's)")
+    if (why := control_unsupported(pipe)) is not None:
+        raise UsageError(f"{flag}: {why}")
     check_flag("--control-steps", args.control_steps, 1, 10_000)
     common = dict(method=args.control_method, steps=args.control_steps)
     if args.loudness is not None:

@@ -6,6 +6,8 @@ each audio pipeline turns waveforms into that space and back: gendistill's ``Mel
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torchaudio
 from diffusers import ModelMixin
@@ -110,20 +112,18 @@ class HifiGanVocoder(ModelMixin, ConfigMixin):
         from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
         self.hifigan = SpeechT5HifiGan(SpeechT5HifiGanConfig(**(hifigan_config or {})))
-        self.hop_length = int(torch.tensor(self.hifigan.config.upsample_rates).prod())
-        self.n_mels = self.hifigan.config.model_in_dim
+        self.hop_length = math.prod(self.hifigan.config.upsample_rates)
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         self.register_buffer("filters", torchaudio.functional.melscale_fbanks(
-            n_fft // 2 + 1, f_min, f_max, self.n_mels, sample_rate, norm="slaney",
-            mel_scale="slaney"), persistent=False)
+            n_fft // 2 + 1, f_min, f_max, self.hifigan.config.model_in_dim, sample_rate,
+            norm="slaney", mel_scale="slaney"), persistent=False)
 
     @classmethod
     def wrap(cls, hifigan, num_frames: int) -> "HifiGanVocoder":
         """A teacher's ``SpeechT5HifiGan`` with clips of ``num_frames`` mel frames."""
         config = hifigan.config.to_dict()
-        hop = int(torch.tensor(config["upsample_rates"]).prod())
         vocoder = cls(hifigan_config=config, sample_rate=config["sampling_rate"],
-                      num_samples=num_frames * hop)
+                      num_samples=num_frames * math.prod(config["upsample_rates"]))
         vocoder.hifigan.load_state_dict(hifigan.state_dict())
         return vocoder if hifigan.dtype == torch.float32 else vocoder.to(hifigan.dtype)
 

@@ -22,6 +22,17 @@ import torch
 METHODS = ("noise", "guided")
 
 
+def control_unsupported(pipe) -> str | None:
+    """Why training-free control cannot steer this pipeline's samples, or None: its losses
+    read gendistill's mel spectrograms, which a pipeline without a vocoder, or a latent
+    pipeline (VAE latents), does not make."""
+    if getattr(pipe, "vocoder", None) is None:
+        return "control works on audio: this pipeline has no vocoder"
+    if getattr(pipe, "vae", None) is not None:
+        return "control reads mel spectrograms: a latent pipeline's samples are VAE latents"
+    return None
+
+
 @dataclass(kw_only=True)
 class Control:
     """``steps`` gradient steps of Adam at rate ``lr``: on the initial noise (``noise``) or on

@@ -18,7 +18,7 @@ from gendistill.diffusion.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from gendistill.models.student import trajectory_jump
 
 from .base import ConditionalPipeline, custom_sigmas, timestep_sigmas
-from .control import guide, optimise_noise
+from .control import control_unsupported, guide, optimise_noise
 
 
 class CTMScheduler(SchedulerMixin, ConfigMixin):
@@ -144,11 +144,8 @@ class CTMPipeline(ConditionalPipeline):
         if nu != 1.0 and cond is None:
             raise ValueError("nu-interpolation needs a conditional student")
         uncond = self.negative_condition(negative_prompt, len(conditions), nu)
-        if control is not None and getattr(self, "vocoder", None) is None:
-            raise ValueError("control works on audio: this pipeline has no vocoder")
-        if control is not None and getattr(self, "vae", None) is not None:
-            raise ValueError("control reads mel spectrograms: a latent pipeline's samples "
-                             "are VAE latents")
+        if control is not None and (why := control_unsupported(self)) is not None:
+            raise ValueError(why)
         if timesteps is not None:
             starts = timestep_sigmas(timesteps, sigmas, self.unet.parameterization)
             sigmas = torch.cat([starts, starts.new_tensor([self.scheduler.config.sigma_min])])
