@@ -70,6 +70,18 @@ def check_flag(flag: str, value, low=None, high=None):
         raise UsageError(f"{flag}: {value} is out of range [{low}, {high}]")
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """``0,1,2`` -> (0, 1, 2): distinct seeds in the range of ``--seed``."""
+    low, high = FLAG_RANGES["--seed"]
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    if len(set(seeds)) < len(seeds) or not all(low <= s <= high for s in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct, in [{low}, {high}]")
+    return seeds
+
+
 def check_condition_flags(pipe, args):
     """--class for class-conditional models (a label they know), --prompt for text ones."""
     from .pipelines.base import null_class
@@ -239,7 +251,8 @@ def cmd_train_classifier(args) -> int:
 def cmd_bench(args) -> int:
     from .eval.bench import run_bench
 
-    run_bench(args.preset, Path(args.out), quick=args.quick, cache_dir=Path(args.cache))
+    run_bench(args.preset, Path(args.out), quick=args.quick, cache_dir=Path(args.cache),
+              seeds=args.seeds, eval_seeds=args.eval_seeds)
     return 0
 
 
@@ -355,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, metavar="DIR", help="results folder")
     b.add_argument("--cache", default="runs/bench-cache", metavar="DIR",
                    help="where trained models are cached (default runs/bench-cache)")
+    b.add_argument("--seeds", type=seed_list, metavar="S,S,...",
+                   help="train every student from each of these seeds and report the mean and "
+                   "spread (default: the preset's, e.g. 0,1,2 for the digits ctm student)")
+    b.add_argument("--eval-seeds", type=seed_list, metavar="S,S,...",
+                   help="evaluate every row from each of these seeds (default: the preset's)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job: teacher samples, CTM distillation, table",

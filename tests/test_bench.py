@@ -34,7 +34,7 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
         timing_batch=16)
     logs = []
     res = run_bench(preset, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache",
-                    repeats=2, log=logs.append)
+                    repeats=2, log=logs.append, seeds=(0, 1), eval_seeds=(0, 1))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"] == res["rows"]
     keys = {"model", "method", "params", "nfe", "ms_per_sample", "speedup", "score_name",
@@ -53,6 +53,19 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
                                "config.json").read_text())
     assert flow_student["teacher_scheduler"]["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert heun["score_name"] == "MMD²" and heun["cond_acc"] is None
+    # every row from both evaluation seeds, every student from both training seeds
+    assert saved["eval_seeds"] == [0, 1]
+    assert (heun["seeds"], ctm["seeds"]) == ([], [0, 1])
+    assert len(heun["scores"]) == 1 and len(ctm["scores"]) == 2
+    assert all(len(s) == 2 for s in ctm["scores"])
+    assert ctm["score"] == pytest.approx(sum(map(sum, ctm["scores"])) / 4, abs=1e-5)
+    assert ctm["scores"][0] != ctm["scores"][1]           # two different students
+    assert heun["score_std_seed"] is None and ctm["score_std_seed"] > 0
+    assert ctm["score_ratio_by_seed"] == [round(sum(s) / 2 / heun["score"], 4)
+                                          for s in ctm["scores"]]
+    assert res["seed_models"]["ctm"]["0"] == res["models"]["ctm"]
+    assert len({*res["seed_models"]["ctm"].values(), *res["seed_models"]["ctm-flow"].values()}) == 4
+    assert "| model | method | seed 0 | seed 1 |" in (tmp_path / "out" / "results.md").read_text()
     # the CFG-distilled student's response to omega over its range, beside its teacher's
     (response,) = saved["guidance_response"]
     assert (response["model"], response["teacher"], response["omega"]) == ("ctm", "teacher",
@@ -98,6 +111,17 @@ def test_markdown_table():
                            "num_samples": 10, "repeats": 1, "timing_batch": 4,
                            "train_seconds": {}, "rows": [audio]})
     assert "| teacher | heun | 0.800 | 1.100 |" in md
+
+
+def test_score_spread_over_evaluation_and_training_seeds():
+    from gendistill.eval.bench import score_spread, score_text
+
+    spread = score_spread([[1.0, 3.0], [5.0, 7.0]])    # seed means 2 and 6
+    assert spread == {"score_std_eval": pytest.approx(2 ** 0.5, abs=1e-5),
+                      "score_std_seed": pytest.approx(8 ** 0.5, abs=1e-5)}
+    assert score_spread([[1.0]]) == {"score_std_eval": None, "score_std_seed": None}
+    assert score_text({"score": 4.0, **spread}) == "4 ± 2.8"
+    assert score_text({"score": 4.0, "score_std_eval": 0.5, "score_std_seed": None}) == "4 ± 0.5"
 
 
 def test_rows_are_read_against_the_teacher_at_the_same_guidance():

@@ -4,6 +4,11 @@ Each preset names its dataset, its teacher config and the students to distil; ev
 (model, sampling) pair. Quality (the dataset's score), faithfulness to the condition and speed
 are measured in the same process, and ``speedup`` / ``score_ratio`` are relative to the teacher's
 Heun row. Trained models are cached under ``cache_dir/<name>-<hash of the resolved config>``.
+
+A score on a thousand samples moves with the noise it was drawn from, and a student with the seed
+it was trained from: a row's score is the mean over the preset's evaluation seeds (the same
+noise and labels for every row, so ratios are paired) and over its student's training seeds,
+with the spread over each beside it.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class Student:
     overrides: list[str] = field(default_factory=list)
     teacher: str = "teacher"        # the teacher it distils: "teacher" or a key of
                                     # Preset.other_teachers
+    seeds: tuple[int, ...] = (0,)   # training seeds, one cached run each
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Preset:
     timing_batch: int = 64
     other_teachers: dict[str, str] = field(default_factory=dict)  # name -> teacher config:
                                     # teachers of other parameterisations, each a row source
+    eval_seeds: tuple[int, ...] = (0,)  # every row is evaluated from each
 
     def reference(self, row: Row) -> str:
         """The teacher a row is read against: itself for a teacher, else its student's."""
@@ -199,7 +206,8 @@ PRESETS = {
         quick_overrides=["train.max_steps=300"], timing_batch=256),
     "digits": Preset(
         dataset="digits", teacher_config="configs/teacher/digits.yaml",
-        students={"ctm": Student("configs/ctm/digits.yaml"),
+        # the headline student from three seeds: one seed's FID spans 1.06-1.25x its teacher
+        students={"ctm": Student("configs/ctm/digits.yaml", seeds=(0, 1, 2)),
                   **{f"ctm-{n}": Student("configs/ctm/digits.yaml", teacher=f"teacher-{n}")
                      for n in ANY_TEACHER}},
         other_teachers={f"teacher-{n}": f"configs/teacher/digits-{n}.yaml" for n in ANY_TEACHER},
@@ -209,7 +217,7 @@ PRESETS = {
                 {"num_inference_steps": 18, "sampler": "heun", "guidance_scale": 3.0}),
             Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})]
         + _any_teacher_rows(ANY_TEACHER),
-        num_samples=1000, quick_num_samples=300,
+        num_samples=1000, quick_num_samples=300, eval_seeds=(0, 1, 2),
         quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
     # Why the 1-step toy2d student blurred (issue 7): one change per row against the old
     # recipe (lr 2e-4, DSM weight 1) and the new default (lr 1e-3, DSM weight 0.1), 1000 steps
@@ -477,10 +485,40 @@ def teacher_row_for(rows: list[dict], row: dict) -> dict:
     return next((r for r in heun if guidance_of(r) == guidance_of(row)), heun[0])
 
 
+AVERAGED = ("score", "precision", "recall", "cond_acc", "SW2", "am_depth_ratio",
+            "fm_depth_ratio")  # a row's results that are means over its runs
+
+
+def mean_result(results: list[dict]) -> dict:
+    """One row's evaluations (each training seed x evaluation seed) as one: the scalars of
+    AVERAGED are means, the rest the first run's."""
+    out = dict(results[0])
+    for key in AVERAGED:
+        if out.get(key) is not None:
+            out[key] = statistics.fmean(float(r[key]) for r in results)
+    return out
+
+
+def score_spread(scores: list[list[float]]) -> dict:
+    """The spread of a row's scores, one list per training seed over the evaluation seeds: the
+    standard deviation over evaluation seeds (the sampling noise, averaged over training seeds)
+    and over training seeds (of each seed's mean); None where there is only one."""
+    eval_sd = (statistics.fmean(statistics.stdev(s) for s in scores)
+               if len(scores[0]) > 1 else None)
+    seed_sd = statistics.stdev(statistics.fmean(s) for s in scores) if len(scores) > 1 else None
+    return {"score_std_eval": None if eval_sd is None else round(eval_sd, 5),
+            "score_std_seed": None if seed_sd is None else round(seed_sd, 5)}
+
+
 def run_bench(preset: str | Preset, out: Path, quick: bool = False,
-              cache_dir: Path = Path("runs/bench-cache"), repeats: int = 5, log=print) -> dict:
+              cache_dir: Path = Path("runs/bench-cache"), repeats: int = 5, log=print,
+              seeds: tuple[int, ...] | None = None,
+              eval_seeds: tuple[int, ...] | None = None) -> dict:
     """Train or reuse every model of ``preset`` (a name of PRESETS, or a Preset), evaluate
-    each row, and write results.json, results.md and the plots into ``out``."""
+    each row, and write results.json, results.md and the plots into ``out``.
+
+    ``seeds`` (training seeds of every student) and ``eval_seeds`` replace the preset's; in
+    ``quick`` mode, without them, only the first of each is used."""
     from ..data import load_dataset
     from ..pipelines import load_pipeline
     from .evaluate import evaluate_pipeline
@@ -491,6 +529,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         preset_name, preset = preset, PRESETS[preset]
     else:
         preset_name = preset.dataset
+    if eval_seeds is None:
+        eval_seeds = preset.eval_seeds[:1] if quick else preset.eval_seeds
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) / preset_name
     torch.manual_seed(0)
@@ -500,11 +540,15 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
     teachers = {"teacher": preset.teacher_config, **preset.other_teachers}
     folders = {name: teacher_folder(name, config, extra, cache_dir, log)
                for name, config in teachers.items()}
+    runs = {name: {None: folder} for name, folder in folders.items()}  # source -> seed -> model
     train_seconds = {}
     for key, student in preset.students.items():
-        folders[key] = train_cached(key, student.config,
-                                    student.overrides + extra
-                                    + [f"teacher={folders[student.teacher]}"], cache_dir, log)
+        runs[key] = {seed: train_cached(key, student.config,
+                                        student.overrides + extra
+                                        + [f"teacher={folders[student.teacher]}", f"seed={seed}"],
+                                        cache_dir, log)
+                     for seed in seeds or (student.seeds[:1] if quick else student.seeds)}
+        folders[key] = next(iter(runs[key].values()))
         timing = folders[key].parent / "train_time.json"
         if timing.is_file():
             train_seconds[key] = json.loads(timing.read_text())["seconds"]
@@ -514,18 +558,24 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
     num_samples = preset.quick_num_samples if quick else preset.num_samples
     pipes, rows, samples = {}, [], {}
     for row in preset.rows:
-        if row.source not in pipes:
-            pipes[row.source] = load_pipeline(folders[row.source])
-            pipes[row.source].set_progress_bar_config(disable=True)
-        pipe = pipes[row.source]
+        for folder in runs[row.source].values():
+            if folder not in pipes:
+                pipes[folder] = load_pipeline(folder)
+                pipes[folder].set_progress_bar_config(disable=True)
+        pipe = pipes[folders[row.source]]
         call = dict(row.call)
         if row.control is not None:
             call["control"] = make_control(row.control, pipe.vocoder)
-        log(f"{row.model} ({row.method}): evaluating {num_samples} samples")
+        log(f"{row.model} ({row.method}): evaluating {num_samples} samples x "
+            f"{len(runs[row.source])} training x {len(eval_seeds)} evaluation seeds")
         with torch.no_grad():
-            result = evaluate_pipeline(pipe, preset.dataset, num_samples, seed=0,
-                                       progress=False, **call)
+            evaluations = [[evaluate_pipeline(pipes[folder], preset.dataset, num_samples,
+                                              seed=seed, progress=False, **call)
+                            for seed in eval_seeds] for folder in runs[row.source].values()]
             ms, ms_model = time_pipeline(pipe, timing_conditions, call, repeats)
+        result = mean_result([r for runs_of_seed in evaluations for r in runs_of_seed])
+        scores = [[round(float(r["score"]), 5) for r in runs_of_seed]
+                  for runs_of_seed in evaluations]
         extra = {}
         if row.control is not None:
             extra["control"] = row.control
@@ -541,6 +591,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             "ms_per_sample_model": round(ms_model, 4),
             "speedup": None, "score_name": result["score_name"],
             "score": round(float(result["score"]), 5), "score_ratio": None,
+            **score_spread(scores),
+            "seeds": [s for s in runs[row.source] if s is not None], "scores": scores,
             "cond_acc": None if result["cond_acc"] is None else round(result["cond_acc"], 4),
             "precision": round(result["precision"], 4), "recall": round(result["recall"], 4),
             "call": row.call, "score_floor": result.get("score_floor"),
@@ -553,18 +605,26 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         base = teacher_row_for(rows, r)
         r["speedup"] = round(base["ms_per_sample"] / r["ms_per_sample"], 2)
         r["score_ratio"] = round(r["score"] / base["score"], 4) if base["score"] else None
+        if len(r["seeds"]) > 1 and base["score"]:
+            r["score_ratio_by_seed"] = [round(statistics.fmean(s) / base["score"], 4)
+                                        for s in r["scores"]]
     log("guidance response of the CFG-distilled students")
     with torch.no_grad():
-        responses = guidance_responses(preset, pipes, folders, timing_conditions)
+        responses = guidance_responses(preset, {k: pipes[f] for k, f in folders.items()
+                                                 if f in pipes},
+                                       folders, timing_conditions)
 
     results = {
         "preset": preset_name, "quick": quick,
         "device": f"{'cuda' if torch.cuda.is_available() else 'cpu'} "
                   f"({platform.processor() or platform.machine()}, "
                   f"{torch.get_num_threads()} threads)",
-        "num_samples": num_samples, "timing_batch": preset.timing_batch, "repeats": repeats,
+        "num_samples": num_samples, "eval_seeds": list(eval_seeds),
+        "timing_batch": preset.timing_batch, "repeats": repeats,
         "train_seconds": train_seconds,
         "models": {k: str(v) for k, v in folders.items()},
+        "seed_models": {k: {str(seed): str(f) for seed, f in r.items()}
+                        for k, r in runs.items() if len(r) > 1},
         "rows": rows, "guidance_response": responses,
         "seconds": round(time.time() - start, 1),
     }
@@ -583,6 +643,25 @@ def _errors_text(errors: dict) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in errors.items() if k != "network_calls_per_sample")
 
 
+def seeds_text(results: dict) -> str:
+    """What a table's scores are means of, and what their ± is."""
+    eval_seeds = results.get("eval_seeds", [0])
+    seeded = any(len(r.get("seeds", ())) > 1 for r in results["rows"])
+    if len(eval_seeds) == 1 and not seeded:
+        return ""
+    text = (f" Scores are means over {len(eval_seeds)} evaluation seeds (the same noise and "
+            "labels for every row)")
+    if seeded:
+        text += " and, where a student has several, over its training seeds"
+    return text + ("; ± is the standard deviation over training seeds, else over evaluation "
+                   "seeds.")
+
+
+def score_text(row: dict) -> str:
+    spread = row.get("score_std_seed") or row.get("score_std_eval")
+    return f"{row['score']:.4g}" + (f" ± {spread:.2g}" if spread else "")
+
+
 def results_markdown(results: dict) -> str:
     rows = results["rows"]
     score_name = rows[0]["score_name"]
@@ -594,7 +673,7 @@ def results_markdown(results: dict) -> str:
         f"`speedup` and `score_ratio` are relative to the teacher's Heun row at the same "
         f"guidance scale ω "
         f"(lower {score_name} is better). Precision and recall: k-NN (k = 5), higher is better; "
-        f"a blurred model loses precision, a dropped mode recall.",
+        f"a blurred model loses precision, a dropped mode recall." + seeds_text(results),
         "",
         f"| model | method | params | NFE | ms/sample | speedup | {score_name} | ratio | "
         f"precision | recall | cond acc |",
@@ -607,9 +686,18 @@ def results_markdown(results: dict) -> str:
     for r in rows:
         acc = "–" if r["cond_acc"] is None else f"{100 * r['cond_acc']:.1f} %"
         lines.append(f"| {r['model']} | {r['method']} | {r['params']:,} | {r['nfe']} | "
-                     f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}× | {r['score']:.4g} | "
+                     f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}× | {score_text(r)} | "
                      f"{r['score_ratio']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{acc} |" + (f" {r['sw2']:.4g} |" if has_sw2 else ""))
+    seeded = [r for r in rows if len(r.get("seeds", ())) > 1]
+    if seeded:
+        lines += ["", f"Training seeds ({score_name} of each seed's student, mean over the "
+                  "evaluation seeds, and its ratio to the teacher):", "",
+                  "| model | method | " + " | ".join(f"seed {s}" for s in seeded[0]["seeds"])
+                  + " |", "| --- | --- |" + " ---: |" * len(seeded[0]["seeds"])]
+        lines += [f"| {r['model']} | {r['method']} | " + " | ".join(
+            f"{statistics.fmean(s):.4g} ({ratio:.3g}×)"
+            for s, ratio in zip(r["scores"], r["score_ratio_by_seed"])) + " |" for r in seeded]
     if any(r.get("ms_per_sample_model", r["ms_per_sample"]) != r["ms_per_sample"] for r in rows):
         lines[2] += (" For audio, ms/sample and speedup are end to end (the vocoder included); "
                      "`ms_per_sample_model` in results.json leaves the vocoder out.")

@@ -158,7 +158,8 @@ def write_wavs(folder: Path, waves, sample_rate: int, captions: list[str]):
 def plot_score_vs_nfe(dataset_name: str, rows: list[dict], path: Path):
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for r in rows:
-        ax.scatter(r["nfe"], r["score"], s=25)
+        spread = r.get("score_std_seed") or r.get("score_std_eval")
+        ax.errorbar(r["nfe"], r["score"], yerr=spread, fmt="o", ms=5, capsize=2)
         ax.annotate(f"{r['model']} {r['method']}", (r["nfe"], r["score"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
