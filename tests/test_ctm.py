@@ -447,6 +447,35 @@ def test_gan_term_trains_the_heads_never_the_teacher(tmp_path):
     assert all(v.equal(net.state_dict()[k]) for k, v in teacher_weights.items())
 
 
+def test_gan_judges_the_one_step_samples_the_pipeline_makes(tmp_path):
+    """The GAN's fake samples are the exported pipeline's 1-step call at omega = 1 (from where
+    its scheduler starts a single jump), not a jump from sigma_max the user never samples."""
+    from diffusers import EDMEulerScheduler
+
+    from gendistill.config import load_config
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.pipelines import TeacherPipeline, load_pipeline
+
+    torch.manual_seed(0)
+    net = build_network((2,), num_classes=4, width=32, depth=2)
+    cfg = load_config("configs/ctm/toy2d.yaml", ["ctm.num_grid=6", "ctm.guidance_max=3"])
+    method = CTMTraining(cfg, TeacherPipeline(net, EDMEulerScheduler()), torch.tensor(4))
+    torch.nn.init.normal_(method.model.guidance_embedding.linear_2.weight, std=0.1)
+    method.export(method.model, tmp_path / "student")
+    pipe = load_pipeline(tmp_path / "student")
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        fake = method.one_step_samples(torch.zeros(4, 2), labels)
+    torch.manual_seed(1)
+    z = torch.randn(4, 2)
+    sampled = {w: pipe(class_labels=labels.tolist(), num_inference_steps=1, latents=z,
+                       guidance_scale=w).latents for w in (1.0, 3.0)}
+    torch.testing.assert_close(fake, sampled[1.0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fake, sampled[3.0], atol=1e-3)
+
+
 def test_shipped_toy2d_student_is_a_sharp_one_step_generator():
     """The shipped student keeps the modes its teacher has: the blur the old recipe left
     (MMD² 0.0064, precision 0.78) would fail here."""

@@ -171,6 +171,8 @@ class CTMTraining:
     """Builds the student from the teacher and computes the CTM + DSM loss for the loop."""
 
     def __init__(self, cfg: Config, teacher_pipe, null_cond):
+        from ..pipelines import CTMScheduler
+
         c = cfg.ctm  # values and ranges are checked by config.validate
         self.cfg, self.teacher_pipe, self.null_cond = cfg, teacher_pipe, null_cond
         teacher = teacher_pipe.denoiser()
@@ -182,6 +184,7 @@ class CTMTraining:
                                              guidance_embed_scale=c.guidance_embed_scale,
                                              teacher_scheduler=teacher.scheduler_config)
         self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
+        self.scheduler = CTMScheduler(sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max)
         embeddings = list(self.model.embedding_parameters())
         new = {id(p) for p in embeddings}
         self.optimizer = torch.optim.RAdam(
@@ -262,9 +265,8 @@ class CTMTraining:
             logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)
             loss = loss + c.denoising_weight * weight * loss_dsm
         if self.gan_active(step):
-            # the generator's side: 1-step samples from pure noise, -D(G(z))
-            z = torch.randn_like(x0) * self.teacher.sigma_max
-            self.fake = self.model(z, grid[0], 0.0, cond, guidance)
+            # the generator's side: -D(G(z)) on the samples a user's 1-step call makes
+            self.fake = self.one_step_samples(x0, cond)
             loss_gan = -discriminator_logits(self.teacher, self.discriminator, self.fake,
                                              cond).mean()
             weight = adaptive_weight(loss_ctm, loss_gan, student.last_layer, max_weight=10.0,
@@ -273,6 +275,15 @@ class CTMTraining:
             loss = loss + c.gan_weight * weight * loss_gan
             self.fake, self.fake_cond = self.fake.detach(), cond
         return loss, logs
+
+    def one_step_samples(self, like: torch.Tensor, cond) -> torch.Tensor:
+        """What the exported pipeline's 1-step call makes: G(sigma0 z, sigma0, sigma_min), sigma0
+        where its scheduler starts a single jump (not sigma_max: the GAN should sharpen the jump
+        that is sampled); at omega = 1, as the data the discriminator calls real is unguided."""
+        t, s = self.scheduler.grid_top(1), self.scheduler.config.sigma_min
+        guidance = (torch.ones(like.shape[0], device=like.device) if self.distill_guidance
+                    else None)
+        return self.model(torch.randn_like(like) * t, t, s, cond, guidance)
 
     def auxiliary_loss(self, batch, step):
         """The discriminator's hinge loss: real data against the step's 1-step samples."""
@@ -291,8 +302,7 @@ class CTMTraining:
         from ..pipelines.base import teacher_components
         from ..pipelines.remote import save_with_remote_code
 
-        scheduler = CTMScheduler(sigma_min=self.teacher.sigma_min,
-                                 sigma_max=self.teacher.sigma_max)
+        scheduler = CTMScheduler.from_config(self.scheduler.config)
         components = teacher_components(self.teacher_pipe)
         text_to_sound = (components["vocoder"] is not None
                          and self.teacher_pipe.conditioning == "text")
