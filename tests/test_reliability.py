@@ -150,6 +150,31 @@ def test_two_process_cpu_training_exits_0_with_the_same_weights(tmp_path, launch
 
 
 @pytest.mark.slow
+def test_a_launch_whose_processes_do_not_join_is_refused(tmp_path):
+    """accelerate's FSDP config on a machine without GPUs starts two processes that each train
+    alone (distributed type NO) and race for one folder: refused, exit 2, nothing written."""
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("with two GPUs the FSDP launch forms a process group")
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\n"
+                      "num_processes: 2\nmixed_precision: 'no'\n"
+                      "fsdp_config:\n  fsdp_version: 2\n")
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    proc = subprocess.run([accelerate, "launch", "--config_file", str(config), "-m",
+                           "gendistill", "train", *TINY, f"output_dir={tmp_path / 'run'}",
+                           "train.max_steps=2"], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # each rank's usage error
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gendistill train")]
+    assert errors and all("launched as 2 processes (WORLD_SIZE) but accelerate made 1" in line
+                          for line in errors)
+    # the launcher's own traceback reports the failed ranks; none comes from the package
+    assert "/gendistill/" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_ranks_with_different_weights_stop_the_run(tmp_path):
     """Two real gloo processes whose weights differ in one entry on rank 1."""
     script = tmp_path / "drift.py"

@@ -81,10 +81,18 @@ def batches_from(accelerator, loader, step: int):
 
 def make_accelerator(cfg: Config) -> Accelerator:
     out = Path(cfg.output_dir)
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
-                       log_with="tensorboard", project_dir=str(out),
-                       gradient_accumulation_steps=1,
-                       dynamo_backend="inductor" if cfg.train.compile else "no")
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
+                              log_with="tensorboard", project_dir=str(out),
+                              gradient_accumulation_steps=1,
+                              dynamo_backend="inductor" if cfg.train.compile else "no")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        # e.g. an FSDP config on a machine without GPUs: every process would train alone
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate made "
+            f"{accelerator.num_processes} of them ({accelerator.distributed_type.value}); "
+            f"without GPUs launch with torchrun or accelerate --multi_gpu and train.cpu=true")
+    return accelerator
 
 
 @contextmanager
