@@ -101,6 +101,9 @@ class CTMConfig:
     target_ema: float = 0.999      # EMA rate of the target network theta- (CTM: 0.999; iCT: 0)
     gan_weight: float = 0.0        # CTM's GAN term (adaptive weight in [0.01, 10]); 0 = off
     gan_start: int = 0             # the step the GAN term and its discriminator switch on
+    gan_sigma: float | None = None  # the noise level the discriminator sees its inputs at:
+                                   # unset = the teacher's log-normal training levels (DMD2's
+                                   # way); a value = that level (CTM judges clean samples)
     s_log_scale: float = 0.25      # the student's s embedding reads s_log_scale * ln(s)
     guidance_embed_scale: float = 1000.0  # the omega embedding reads this * omega (LCM's 1000)
     target_inner: str = "ema"      # the u -> s jump of the target: ema (theta-) or online
@@ -258,6 +261,7 @@ RANGES = {
     "ctm.denoising_weight": (0, INF, False), "ctm.guidance_min": (1, 100, False),
     "ctm.guidance_max": (1, 100, False), "ctm.target_ema": (0, 1.0, False),
     "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),
+    "ctm.gan_sigma": (0, INF, True),
     "ctm.s_log_scale": (0, 1e4, True), "ctm.guidance_embed_scale": (0, 1e4, True),
     "ctm.embedding_lr_scale": (0, 1e4, True),
     "msd.num_students": (1, 4096, False), "msd.student": (0, 4095, False),

@@ -400,7 +400,7 @@ def test_teacher_targets_run_in_fp32_under_autocast():
 
 
 def test_feature_discriminator_on_unet_and_mlp_features():
-    from gendistill.methods.ctm import hinge_discriminator_loss
+    from gendistill.methods.ctm import discriminator_logits, hinge_discriminator_loss
     from gendistill.models.discriminator import FeatureDiscriminator
 
     for net, x, cond in ((tiny_unet(), torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])),
@@ -410,6 +410,15 @@ def test_feature_discriminator_on_unet_and_mlp_features():
         feats = teacher.features(x, torch.ones(3), cond)
         disc = FeatureDiscriminator.for_features(feats)
         assert len(disc.heads) == len(feats) and disc(feats).shape == (3,)
+        # ctm.gan_sigma: the teacher's features of x noised at that level, else at a random one
+        torch.manual_seed(0)
+        fixed = discriminator_logits(teacher, disc, x, cond, 0.1)
+        torch.manual_seed(0)
+        noised = x + 0.1 * torch.randn_like(x)
+        torch.testing.assert_close(fixed, disc(teacher.features(noised, torch.full((3,), 0.1),
+                                                                cond)))
+        torch.manual_seed(0)
+        assert not torch.allclose(discriminator_logits(teacher, disc, x, cond), fixed)
     # hinge: zero once real logits >= 1 and fake logits <= -1
     assert hinge_discriminator_loss(torch.tensor([1.5, 1.0]), torch.tensor([-2.0])) == 0
     assert hinge_discriminator_loss(torch.tensor([0.0]), torch.tensor([0.0])) == 2

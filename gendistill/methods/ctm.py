@@ -141,10 +141,13 @@ def adaptive_weight(loss_main: torch.Tensor, loss_aux: torch.Tensor, last_layer:
     return (g_main.norm() / (g_aux.norm() + 1e-4)).clamp(min_weight, max_weight).detach()
 
 
-def discriminator_logits(teacher: Denoiser, discriminator, x, cond=None) -> torch.Tensor:
-    """D(x): the heads on the frozen teacher's features of x noised at a random sigma (EDM's
-    training distribution), in fp32; gradients reach x but never the teacher's weights."""
-    sigma = sample_lognormal(x.shape[0], device=x.device)
+def discriminator_logits(teacher: Denoiser, discriminator, x, cond=None,
+                         sigma: float | None = None) -> torch.Tensor:
+    """D(x): the heads on the frozen teacher's features of x noised at ``sigma``, or at a
+    random sigma of EDM's training distribution when None, in fp32; gradients reach x but
+    never the teacher's weights."""
+    sigma = (sample_lognormal(x.shape[0], device=x.device) if sigma is None
+             else torch.full((x.shape[0],), float(sigma), device=x.device))
     x = x.float() + append_dims(sigma, x.ndim) * torch.randn_like(x, dtype=torch.float)
     with full_precision(x.device):
         return discriminator(teacher.features(x, sigma, cond))
@@ -268,7 +271,7 @@ class CTMTraining:
             # the generator's side: -D(G(z)) on the samples a user's 1-step call makes
             self.fake = self.one_step_samples(x0, cond)
             loss_gan = -discriminator_logits(self.teacher, self.discriminator, self.fake,
-                                             cond).mean()
+                                             cond, c.gan_sigma).mean()
             weight = adaptive_weight(loss_ctm, loss_gan, student.last_layer, max_weight=10.0,
                                      min_weight=0.01)
             logs.update(gan=loss_gan.detach(), gan_weight=weight)
@@ -290,9 +293,11 @@ class CTMTraining:
         if not self.gan_active(step) or self.fake is None:
             return None, {}
         discriminator = self.auxiliary[0]  # as the loop prepared it (DDP-wrapped on GPUs)
+        sigma = self.cfg.ctm.gan_sigma
         real = discriminator_logits(self.teacher, discriminator,
-                                    self.teacher_pipe.encode(batch[0]), self.fake_cond)
-        fake = discriminator_logits(self.teacher, discriminator, self.fake, self.fake_cond)
+                                    self.teacher_pipe.encode(batch[0]), self.fake_cond, sigma)
+        fake = discriminator_logits(self.teacher, discriminator, self.fake, self.fake_cond,
+                                    sigma)
         loss = hinge_discriminator_loss(real, fake)
         return loss, {"disc": loss.detach(), "d_real": real.mean().detach(),
                       "d_fake": fake.mean().detach()}
