@@ -49,6 +49,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-4
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # after the warm-up: constant, or cosine (to 0 at max_steps,
+                                   # so a resume that changes max_steps changes the curve)
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -275,7 +277,7 @@ RANGES = {
 CHOICES = {
     "method": METHODS, "network.type": ("unet", "dit"), "data.name": ("toy2d", "digits", "synthsounds", "npz", "audiofolder"),
     "data.kind": (None, "vector", "image", "audio"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.mixed_precision": ("no", "fp16", "bf16"), "train.lr_schedule": ("constant", "cosine"),
     "diffusion.parameterization": ("edm", "vp-eps", "vp-v", "flow"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"), "ctm.match_point": ("zs", "z0"),
     "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),

@@ -256,7 +256,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, config):
 
     run_of = {"teacher": ".", "ctm": ".", "msd": "students/student-0"}[config]
     if config == "teacher":
-        args = [*TINY]
+        args = [*TINY, "train.lr_schedule=cosine"]  # its lr follows the restored step
     else:
         teacher = tmp_path / "teacher"
         assert train(teacher, "train.max_steps=2").returncode == 0

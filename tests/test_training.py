@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from gendistill.training.ema import EMA
+from gendistill.training.loop import lr_decay
 
 
 def test_ema_update_rule_and_warmup():
@@ -23,3 +24,11 @@ def test_ema_update_rule_and_warmup():
     for _ in range(20000):
         warm.num_updates += 1
     assert warm.current_decay() == 0.999
+
+
+def test_lr_decay_is_flat_or_a_cosine_to_zero_at_the_last_step():
+    assert [lr_decay("constant", s, 100) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
+    assert lr_decay("cosine", 0, 100) == 1.0
+    assert lr_decay("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_decay("cosine", 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert lr_decay("cosine", 150, 100) == pytest.approx(0.0, abs=1e-12)  # a resume past the end

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -36,6 +37,14 @@ log = logging.getLogger("gendistill")
 
 class TrainingError(RuntimeError):
     pass
+
+
+def lr_decay(schedule: str, step: int, max_steps: int) -> float:
+    """The lr factor after the warm-up at ``step`` of ``max_steps``: 1 (constant), or a cosine
+    from 1 to 0 (cosine)."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max_steps))
 
 
 class StepCounter:
@@ -174,14 +183,18 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
         [p for p in model.parameters() if p.requires_grad], lr=tc.lr,
         weight_decay=tc.weight_decay)
     warmup = max(tc.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    counter = StepCounter()
+    # the warm-up counts the model's own updates (DMD2's generator steps 1 in N), the decay the
+    # run's progress, so that both survive a resume and any number of processes
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        * lr_decay(tc.lr_schedule, counter.step, tc.max_steps))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     method.model = model
     if auxiliary is not None:
         auxiliary = method.auxiliary = accelerator.prepare(*auxiliary)
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay).to(accelerator.device)
     method.ema = ema
-    counter = StepCounter()
     # the method's own state (e.g. CTM's target network) is checkpointed with the rest
     accelerator.register_for_checkpointing(ema, counter, *getattr(method, "checkpointed", ()))
 
@@ -308,7 +321,8 @@ RESUME_FREE_KEYS = {"output_dir", "train.max_steps", "train.resume", "train.chec
                     "train.log_every", "train.keep_checkpoints", "train.max_nonfinite",
                     "train.threads", "train.overwrite", "train.allow_config_change", "train.cpu",
                     "train.xformers", "train.compile", "msd.student"}
-RESUME_GUARDED_KEYS = {"train.batch_size", "train.lr", "train.warmup_steps"}
+RESUME_GUARDED_KEYS = {"train.batch_size", "train.lr", "train.warmup_steps",
+                       "train.lr_schedule"}
 
 
 def check_resumable(out: Path, cfg: Config):
@@ -325,7 +339,7 @@ def check_resumable(out: Path, cfg: Config):
     if cfg.train.allow_config_change:
         changed = {k: v for k, v in changed.items() if k not in RESUME_GUARDED_KEYS}
     if changed:
-        hint = (" (train.allow_config_change=true allows batch size and lr)"
+        hint = (" (train.allow_config_change=true allows batch size and lr schedule)"
                 if set(changed) <= RESUME_GUARDED_KEYS else "")
         raise TrainingError("cannot resume: the config differs from the run's in "
                             + ", ".join(changed.values()) + hint)
