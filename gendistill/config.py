@@ -110,6 +110,8 @@ class CTMConfig:
     guidance_embed_scale: float = 1000.0  # the omega embedding reads this * omega (LCM's 1000)
     target_inner: str = "ema"      # the u -> s jump of the target: ema (theta-) or online
                                    # (theta without gradient, CTM); z0 maps to sigma_min with ema
+    output_weighting: bool = False  # each sample's CTM distance times (c_out / |dg/dF|)^2 at t:
+                                   # the network trained in EDM's units (no change for EDM)
     embedding_lr_scale: float = 1.0  # lr multiplier of the new s / omega embeddings (the rest
                                      # of the student starts trained, they start at zero)
 

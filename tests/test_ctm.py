@@ -367,6 +367,35 @@ def test_ctm_loss_wiring(tmp_path, monkeypatch, inner):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.model.parameters())
 
 
+def test_output_weighting_trains_the_network_in_edms_units(tmp_path, monkeypatch):
+    """ctm.output_weighting multiplies each sample's distance by (c_out / |dg/dF|)^2 at t:
+    exactly 1 for an EDM student (its loss is unchanged), (c_out / t)^2 for epsilon prediction,
+    whose g = x - t F would otherwise let the largest t dominate every batch."""
+    from diffusers import DDPMScheduler
+
+    from gendistill.diffusion import edm_scalings
+    from gendistill.diffusion.teachers import scheduler_config
+
+    t = torch.tensor([0.01, 1.0, 10.0, 80.0])
+    vp = CTMStudent.from_teacher(tiny_unet(), 0.5, 0.002, embed_guidance=False,
+                                 teacher_scheduler=scheduler_config(DDPMScheduler()))
+    torch.testing.assert_close(vp.output_weight(t), (edm_scalings(t, 0.5)[1] / t) ** 2)
+    methods = []
+    for overrides in (["ctm.output_weighting=true"], []):
+        torch.manual_seed(0)
+        methods.append(ctm_training(tmp_path, "train.cond_dropout=0", *overrides))
+    weighted, plain = methods
+    assert torch.equal(weighted.model.output_weight(t), torch.ones(4))
+    batch = (torch.randn(8, 2), torch.arange(8) % 4)
+    logs = []
+    for method in (weighted, plain, weighted):
+        torch.manual_seed(1)
+        logs.append(method.loss(batch, step=0)[1]["ctm"])
+        monkeypatch.setattr(weighted.model, "output_weight", lambda t: torch.full_like(t, 3.0))
+    assert torch.equal(logs[0], logs[1])
+    torch.testing.assert_close(logs[2], 3 * logs[1])
+
+
 def test_the_new_embeddings_learn_at_their_own_rate(tmp_path):
     """ctm.embedding_lr_scale multiplies the lr of the s and omega embeddings only (the rest of
     the student starts trained, they start at zero)."""

@@ -113,6 +113,35 @@ def test_edm_adapter_matches_diffusers_edm_scheduler():
                                sched.precondition_outputs(torch.zeros_like(sigma), raw, sigma))
 
 
+class Shifted(nn.Module):
+    """An oracle whose output is moved by ``delta``: D(F + delta) - D(F) = dD/dF delta."""
+
+    def __init__(self, net, delta=0.0):
+        super().__init__()
+        self.net, self.delta = net, delta
+
+    def forward(self, x, timestep):
+        return self.net(x, timestep) + self.delta
+
+
+@pytest.mark.parametrize("scheduler", [
+    DDPMScheduler(prediction_type="epsilon"), DDPMScheduler(prediction_type="v_prediction"),
+    DDPMScheduler(prediction_type="sample"), FlowMatchEulerDiscreteScheduler(),
+    EDMEulerScheduler(sigma_data=0.5)], ids=["eps", "v", "x0", "flow", "edm"])
+def test_output_scale_is_how_far_the_denoiser_moves_per_unit_of_network_output(scheduler):
+    oracle = {"DDPMScheduler": lambda: VPOracle(scheduler, scheduler.config.prediction_type),
+              "FlowMatchEulerDiscreteScheduler": FlowOracle,
+              "EDMEulerScheduler": EDMOracle}[type(scheduler).__name__]()
+    shifted = Shifted(oracle)
+    denoiser = denoiser_from_scheduler(shifted, scheduler)
+    x, sigma = random_points(dim=1, hi=80.0)
+    x, sigma = x.double(), sigma.double()
+    base = denoiser(x, sigma)
+    shifted.delta = 1e-3
+    moved = (denoiser(x, sigma) - base).abs().flatten() / 1e-3
+    torch.testing.assert_close(moved, denoiser.output_scale(sigma), rtol=1e-5, atol=1e-6)
+
+
 def test_karras_grid_formula_and_ends():
     s = karras_sigmas(18)
     assert s[0].item() == pytest.approx(80.0) and s[-1].item() == pytest.approx(0.002)

@@ -130,6 +130,11 @@ class Denoiser(nn.Module):
         the inverse of the map ``denoise`` applies."""
         raise NotImplementedError
 
+    def output_scale(self, sigma: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """|dD/dF|: how far the denoised estimate moves per unit of the network's output at
+        ``sigma`` (EDM's c_out; sigma itself for epsilon prediction)."""
+        raise NotImplementedError
+
     def around(self, net: nn.Module) -> "Denoiser":
         """The same parameterisation around another network (a student's)."""
         if self.scheduler_config is None and not isinstance(self, EDMDenoiser):
@@ -188,6 +193,9 @@ class EDMDenoiser(Denoiser):
     def timestep_sigma(self, timesteps):
         return (4 * timesteps).exp()  # c_noise = ln(sigma) / 4, EDMEulerScheduler's timesteps
 
+    def output_scale(self, sigma):
+        return edm_scalings(sigma, self.sigma_data)[1]
+
 
 class VPDenoiser(Denoiser):
     """A discrete-time VP network (DDPM/DDIM schedulers) with epsilon, v or sample prediction.
@@ -236,6 +244,13 @@ class VPDenoiser(Denoiser):
             return alpha_bar.sqrt() * x_vp - (1 - alpha_bar).sqrt() * out
         return out
 
+    def output_scale(self, sigma):
+        if self.prediction_type == "epsilon":
+            return sigma
+        if self.prediction_type == "v_prediction":
+            return sigma / (1 + sigma ** 2).sqrt()  # sqrt(1 - alpha_bar)
+        return torch.ones_like(sigma)
+
 
 class FlowDenoiser(Denoiser):
     """A rectified-flow network: x_t = (1 - t) x_0 + t eps, velocity v = eps - x_0.
@@ -253,6 +268,9 @@ class FlowDenoiser(Denoiser):
         x_fm = x / (1 + append_dims(sigma, x.ndim))
         v = call_network(self.net, x_fm, t * self.num_train_timesteps, cond)
         return x_fm - tt * v
+
+    def output_scale(self, sigma):
+        return sigma_to_flow_t(sigma)
 
     def timestep_sigma(self, timesteps):
         t = timesteps / self.num_train_timesteps

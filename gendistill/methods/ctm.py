@@ -256,10 +256,13 @@ class CTMTraining:
             estimate = target_net(estimate, s, level, cond, guidance)  # grads through input only
             with torch.no_grad():
                 target = target_net(target, s, level, cond, guidance)
-        loss_ctm = self.distance(estimate, target, level, cond).mean()
+        student = getattr(self.model, "module", self.model)
+        loss_ctm = self.distance(estimate, target, level, cond)
+        if c.output_weighting:
+            loss_ctm = loss_ctm * student.output_weight(t)
+        loss_ctm = loss_ctm.mean()
         logs = {"ctm": loss_ctm.detach()}
         loss = loss_ctm
-        student = getattr(self.model, "module", self.model)
         if c.denoising_weight > 0:
             t = self.teacher
             loss_dsm = dsm_loss(self.model, x0, cond, t.sigma_data, guidance, t.sigma_min,

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MIN, append_dims
+from ..diffusion.sigmas import SIGMA_DATA, SIGMA_MIN, append_dims, edm_scalings
 from ..diffusion.teachers import (Denoiser, feature_modules, output_layer, parameterized,
                                   time_embedding_dim, time_embedding_modules)
 from .networks import NETWORK_CLASSES
@@ -83,6 +83,13 @@ class CTMStudent(ModelMixin, ConfigMixin):
         is one already); a deep copy (the EMA) gets one around its own network."""
         c = self.config
         return parameterized(self.network, c.teacher_scheduler, c.sigma_data, c.sigma_min)
+
+    def output_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(c_out / |dg/dF|)^2 at t, with c_out EDM's: a loss on G multiplied by it trains the
+        network's output in EDM's units whatever the parameterisation (1 for EDM; for epsilon
+        prediction g = x - t F, so without it the largest t dominate every batch)."""
+        scale = self.parameterization.output_scale(t)
+        return (edm_scalings(t, self.config.sigma_data)[1] / scale) ** 2
 
     def embedding_parameters(self):
         """The parameters of the s (and omega) embeddings, the student's only new weights."""
