@@ -184,8 +184,8 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
         weight_decay=tc.weight_decay)
     warmup = max(tc.warmup_steps, 1)
     counter = StepCounter()
-    # the warm-up counts the model's own updates (DMD2's generator steps 1 in N), the decay the
-    # run's progress, so that both survive a resume and any number of processes
+    # the warm-up counts the model's own updates (DMD2's generator steps 1 in N); the decay
+    # reads the run's step, restored on resume, so it ends at max_steps whatever steps the model
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup)
         * lr_decay(tc.lr_schedule, counter.step, tc.max_steps))
