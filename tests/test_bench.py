@@ -69,6 +69,12 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
     assert res["seed_models"]["ctm"]["0"] == res["models"]["ctm"]
     assert len({*res["seed_models"]["ctm"].values(), *res["seed_models"]["ctm-flow"].values()}) == 4
     assert "| model | method | seed 0 | seed 1 |" in (tmp_path / "out" / "results.md").read_text()
+    # rows from different training seeds: a column per seed, "–" where a row has none
+    other = json.loads(json.dumps(saved))
+    other["rows"][2]["seeds"] = [0, 2]
+    text = bench.results_markdown(other)
+    assert "| model | method | seed 0 | seed 1 | seed 2 |" in text
+    assert f"| {ctm['model']} | ctm | " in text and " | – | " in text
     # the CFG-distilled student's response to omega over its range, beside its teacher's
     (response,) = saved["guidance_response"]
     assert (response["model"], response["teacher"], response["omega"]) == ("ctm", "teacher",
