@@ -416,6 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"gendistill {args.command}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    finally:
+        end_process_group()
+
+
+def end_process_group():
+    """Tear down a multi-process run's group on every way out, errors included: a gloo group
+    left to the interpreter's exit can abort the process ("terminate called without an active
+    exception") after the run itself has finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
