@@ -133,12 +133,17 @@ LAUNCHERS = {"torchrun": ["torchrun", "--nproc_per_node", "2"],
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_process_cpu_training_exits_0_with_the_same_weights(tmp_path, launcher):
     """Two real CPU processes (gloo): both train to the same weights, rank 0 alone writes, the
-    run exits 0."""
+    run exits 0, and the warm-up counts updates as one process does (not once per process)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gendistill.config import REPO_ROOT, load_config
+
     command, *options = LAUNCHERS[launcher]
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), command), *options,
                            "-m", "gendistill", "--verbose", "train", *TINY,
                            f"output_dir={tmp_path}", "train.max_steps=4",
-                           "train.checkpoint_every=2", "train.cpu=true"],
+                           "train.checkpoint_every=2", "train.cpu=true",
+                           "train.warmup_steps=8", "train.log_every=1"],
                           capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,6 +152,10 @@ def test_two_process_cpu_training_exits_0_with_the_same_weights(tmp_path, launch
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert (tmp_path / "checkpoints" / "step-2" / "COMPLETE").is_file()
     assert not (tmp_path / ".lock").exists()
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.*")).parent))
+    lr = {e.step: e.value for e in events.Reload().Scalars("lr")}
+    base = load_config(REPO_ROOT / TINY[0], []).train.lr
+    assert lr[4] == pytest.approx(base * 5 / 8)  # after 4 updates, (4 + 1) / 8 of the lr
 
 
 @pytest.mark.slow

@@ -93,6 +93,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
                               log_with="tensorboard", project_dir=str(out),
                               gradient_accumulation_steps=1,
+                              # one scheduler step per update: accelerate's default steps it once
+                              # per process, which made the warm-up N x shorter on N processes
+                              step_scheduler_with_optimizer=False,
                               dynamo_backend="inductor" if cfg.train.compile else "no")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
