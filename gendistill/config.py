@@ -106,6 +106,9 @@ class CTMConfig:
     gan_sigma: float | None = None  # the noise level the discriminator sees its inputs at:
                                    # unset = the teacher's log-normal training levels (DMD2's
                                    # way); a value = that level (CTM judges clean samples)
+    dm_weight: float = 0.0         # DMD's distribution-matching term on the 1-step samples
+                                   # (adaptive weight, as the GAN's); 0 = off
+    dm_start: int = 0              # the step the DM term and its fake score switch on
     s_log_scale: float = 0.25      # the student's s embedding reads s_log_scale * ln(s)
     guidance_embed_scale: float = 1000.0  # the omega embedding reads this * omega (LCM's 1000)
     target_inner: str = "ema"      # the u -> s jump of the target: ema (theta-) or online
@@ -266,6 +269,7 @@ RANGES = {
     "ctm.guidance_max": (1, 100, False), "ctm.target_ema": (0, 1.0, False),
     "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),
     "ctm.gan_sigma": (0, INF, True),
+    "ctm.dm_weight": (0, INF, False), "ctm.dm_start": (0, INF, False),
     "ctm.s_log_scale": (0, 1e4, True), "ctm.guidance_embed_scale": (0, 1e4, True),
     "ctm.embedding_lr_scale": (0, 1e4, True),
     "msd.num_students": (1, 4096, False), "msd.student": (0, 4095, False),
@@ -313,6 +317,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"edm.sigma_max ({cfg.edm.sigma_max}) must exceed edm.sigma_min "
                           f"({cfg.edm.sigma_min})")
     c = cfg.ctm
+    if c.gan_weight > 0 and c.dm_weight > 0:
+        raise ConfigError("ctm.gan_weight and ctm.dm_weight: use one of the two terms (each "
+                          "trains its own auxiliary network)")
     if c.guidance_max < c.guidance_min:
         raise ConfigError(f"ctm.guidance_max ({c.guidance_max}) is below ctm.guidance_min "
                           f"({c.guidance_min})")

@@ -504,7 +504,7 @@ def test_the_discriminator_learns_to_tell_shrunk_samples_from_real():
     history = []
     for step in range(200):
         i = torch.randint(0, len(data.x), (256,))
-        method.fake, method.fake_cond = 0.7 * data.x[i], data.y[i]
+        method.generated, method.generated_cond = 0.7 * data.x[i], data.y[i]
         loss, logs = method.auxiliary_loss((data.x[i], data.y[i]), step)
         optimizer.zero_grad()
         loss.backward()
@@ -514,6 +514,81 @@ def test_the_discriminator_learns_to_tell_shrunk_samples_from_real():
     assert history[0]["disc"] > 1.6
     assert sum(float(h["disc"]) for h in last) / 20 < 1.0
     assert all(h["d_real"] > h["d_fake"] for h in last)
+
+
+def test_dm_term_switches_on_at_dm_start_and_trains_the_fake_score(tmp_path):
+    """ctm.dm_weight > 0: from dm_start the student gets DMD's term on its 1-step samples and
+    the fake score (a copy of the teacher, so the first DM loss is exactly zero) steps on
+    them; the teacher stays frozen; gan + dm together is a config error."""
+    from diffusers import EDMEulerScheduler
+
+    from gendistill.config import ConfigError, load_config
+    from gendistill.data import load_dataset
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.pipelines import TeacherPipeline
+    from gendistill.train import data_loader
+    from gendistill.training import train
+
+    with pytest.raises(ConfigError, match="ctm.gan_weight and ctm.dm_weight"):
+        load_config("configs/ctm/toy2d.yaml", ["ctm.gan_weight=1", "ctm.dm_weight=1"])
+    net = build_network((2,), num_classes=4, width=32, depth=2)
+    teacher = TeacherPipeline(net, EDMEulerScheduler())
+    teacher.set_progress_bar_config(disable=True)
+    cfg = load_config("configs/ctm/toy2d.yaml", [
+        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.dm_weight=1", "ctm.dm_start=2",
+        "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
+        "train.checkpoint_every=0"])
+    method = CTMTraining(cfg, teacher, torch.tensor(4))
+    fake_score = {k: v.clone() for k, v in method.fake_score.state_dict().items()}
+    teacher_weights = {k: v.clone() for k, v in net.state_dict().items()}
+    logs = []
+    real_loss = method.loss
+    method.loss = lambda b, s: (lambda out: logs.append((s, out[1])) or out)(real_loss(b, s))
+    ds = load_dataset("toy2d", "train")
+    train(cfg, method, data_loader(ds.x, ds.y, 16, 0))
+    assert [s for s, log in logs if "dm" in log] == [2, 3]
+    assert logs[2][1]["dm"] == 0 and logs[3][1]["dm"] > 0
+    assert 0.01 <= logs[3][1]["dm_weight"] <= 10
+    assert any(not v.equal(method.fake_score.state_dict()[k]) for k, v in fake_score.items())
+    assert all(v.equal(net.state_dict()[k]) for k, v in teacher_weights.items())
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.3])
+def test_dm_gradient_moves_scaled_samples_back_towards_the_data(scale):
+    """The fake score learns the samples it is given (the data shrunk by 0.7, a blurred
+    model's signature, or spread by 1.3) through auxiliary_loss; the DM gradient the student
+    then gets moves those samples towards the teacher's data: outwards, or inwards. Before
+    the fake score has learned it is exactly zero."""
+    from gendistill.assets import ASSETS
+    from gendistill.config import load_config
+    from gendistill.data import load_dataset
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.methods.dmd2 import distribution_matching_loss, dm_sigmas
+    from gendistill.pipelines import load_pipeline
+
+    torch.manual_seed(0)
+    teacher = load_pipeline(ASSETS / "teachers" / "toy2d")
+    method = CTMTraining(load_config("configs/ctm/toy2d.yaml", ["ctm.dm_weight=1"]), teacher,
+                         teacher.null_condition())
+    fake_score, optimizer = method.auxiliary
+    data = load_dataset("toy2d", "train")
+    i = torch.randint(0, len(data.x), (1024,))
+    x, cond = scale * data.x[i], data.y[i]
+
+    def outward():
+        sigma = dm_sigmas(len(x), method.dm_grid)
+        _, grad = distribution_matching_loss(x, method.teacher, fake_score.denoiser, sigma, cond)
+        return float((-grad * x).sum(1).mean())  # gradient descent moves x by -grad
+
+    assert outward() == 0
+    for step in range(300):
+        j = torch.randint(0, len(x), (256,))
+        method.generated, method.generated_cond = x[j], cond[j]
+        loss, _ = method.auxiliary_loss((data.x[j], data.y[j]), step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert outward() > 0.1 if scale < 1 else outward() < -0.1
 
 
 def test_gan_judges_the_one_step_samples_the_pipeline_makes(tmp_path):

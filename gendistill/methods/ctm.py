@@ -8,13 +8,17 @@ The student G(x_t, t, s) learns to jump along the teacher's probability-flow ODE
 with G_sg the EMA theta- of theta (``ctm.target_inner=ema``) or theta itself without gradient
 (``online``, CTM's choice), k ~ P(k) ∝ k, the distance d measured in the teacher's feature space
 (SoundCTM, default) or in l2, at time s ("zs", SoundCTM) or after mapping both to sigma_min with
-the EMA student ("z0", CTM). See DESIGN.md section 4.
+the EMA student ("z0", CTM). Two optional terms act on the 1-step samples a user draws:
+CTM's GAN (``ctm.gan_weight``) or DMD's distribution matching against a fake score that learns
+those samples (``ctm.dm_weight``, the gradient of methods/dmd2.py). See DESIGN.md section 4.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import copy
 
 import torch
 from torch import nn
@@ -27,6 +31,8 @@ from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims, edm_loss_w
 from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent
 from ..training.ema import EMA
+from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
+                   dm_sigmas)
 
 
 @dataclass
@@ -202,7 +208,15 @@ class CTMTraining:
             self.auxiliary = (self.discriminator,
                               torch.optim.Adam(self.discriminator.parameters(), lr=cfg.train.lr,
                                                betas=(0.0, 0.99)))
-        self.fake = None  # the latest 1-step samples, for the discriminator's step
+        if c.dm_weight > 0:
+            # DMD's fake score starts as the teacher (a zero DM gradient) and learns the
+            # student's 1-step samples
+            fake_score = FakeScore(copy.deepcopy(teacher.net).requires_grad_(True), teacher,
+                                   head=False)
+            self.auxiliary = (fake_score, torch.optim.AdamW(
+                fake_score.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
+            self.dm_grid = karras_sigmas(DM_GRID_POINTS, teacher.sigma_min, teacher.sigma_max)
+        self.generated = None  # the latest 1-step samples, for the auxiliary network's step
 
     def build_discriminator(self, teacher) -> FeatureDiscriminator:
         from ..pipelines.base import network_sample_shape
@@ -214,6 +228,14 @@ class CTMTraining:
 
     def gan_active(self, step: int) -> bool:
         return self.cfg.ctm.gan_weight > 0 and step >= self.cfg.ctm.gan_start
+
+    def dm_active(self, step: int) -> bool:
+        return self.cfg.ctm.dm_weight > 0 and step >= self.cfg.ctm.dm_start
+
+    @property
+    def fake_score(self) -> FakeScore:
+        fake_score = self.auxiliary[0]  # DDP-wrapped on several GPUs
+        return getattr(fake_score, "module", fake_score)
 
     def after_step(self, step: int):
         self.target.update(getattr(self.model, "module", self.model))
@@ -270,37 +292,52 @@ class CTMTraining:
             weight = adaptive_weight(loss_ctm, loss_dsm, student.last_layer)
             logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)
             loss = loss + c.denoising_weight * weight * loss_dsm
-        if self.gan_active(step):
-            # the generator's side: -D(G(z)) on the samples a user's 1-step call makes
-            self.fake = self.one_step_samples(x0, cond)
-            loss_gan = -discriminator_logits(self.teacher, self.discriminator, self.fake,
-                                             cond, c.gan_sigma).mean()
-            weight = adaptive_weight(loss_ctm, loss_gan, student.last_layer, max_weight=10.0,
+        if self.gan_active(step) or self.dm_active(step):
+            # both terms act on the samples a user's 1-step call makes
+            generated = self.one_step_samples(x0, cond)
+            if self.gan_active(step):
+                loss_aux = -discriminator_logits(self.teacher, self.discriminator, generated,
+                                                 cond, c.gan_sigma).mean()
+                name, aux_weight = "gan", c.gan_weight
+            else:
+                sigma = dm_sigmas(n, self.dm_grid).to(device)
+                loss_aux, _ = distribution_matching_loss(generated, self.teacher,
+                                                         self.fake_score.denoiser, sigma, cond)
+                name, aux_weight = "dm", c.dm_weight
+            weight = adaptive_weight(loss_ctm, loss_aux, student.last_layer, max_weight=10.0,
                                      min_weight=0.01)
-            logs.update(gan=loss_gan.detach(), gan_weight=weight)
-            loss = loss + c.gan_weight * weight * loss_gan
-            self.fake, self.fake_cond = self.fake.detach(), cond
+            logs.update({name: loss_aux.detach(), f"{name}_weight": weight})
+            loss = loss + aux_weight * weight * loss_aux
+            self.generated, self.generated_cond = generated.detach(), cond
         return loss, logs
 
     def one_step_samples(self, like: torch.Tensor, cond) -> torch.Tensor:
         """What the exported pipeline's 1-step call makes: G(sigma0 z, sigma0, sigma_min), sigma0
         where its scheduler starts a single jump (not sigma_max: the GAN should sharpen the jump
-        that is sampled); at omega = 1, as the data the discriminator calls real is unguided."""
+        that is sampled); at omega = 1, as the data the discriminator calls real (and the
+        teacher the DM term matches) is unguided."""
         t, s = self.scheduler.grid_top(1), self.scheduler.config.sigma_min
         guidance = (torch.ones(like.shape[0], device=like.device) if self.distill_guidance
                     else None)
         return self.model(torch.randn_like(like) * t, t, s, cond, guidance)
 
     def auxiliary_loss(self, batch, step):
-        """The discriminator's hinge loss: real data against the step's 1-step samples."""
-        if not self.gan_active(step) or self.fake is None:
+        """The discriminator's hinge loss (real data against the step's 1-step samples), or the
+        fake score's denoising loss on those samples."""
+        if self.generated is None:
             return None, {}
+        if self.dm_active(step):
+            sigma = dm_sigmas(self.generated.shape[0], self.dm_grid).to(self.generated.device)
+            loss = denoising_loss(self.fake_score.denoiser, self.generated, sigma,
+                                  self.generated_cond, sigma_data=self.teacher.sigma_data)
+            return loss, {"fake_dsm": loss.detach()}
         discriminator = self.auxiliary[0]  # as the loop prepared it (DDP-wrapped on GPUs)
         sigma = self.cfg.ctm.gan_sigma
         real = discriminator_logits(self.teacher, discriminator,
-                                    self.teacher_pipe.encode(batch[0]), self.fake_cond, sigma)
-        fake = discriminator_logits(self.teacher, discriminator, self.fake, self.fake_cond,
+                                    self.teacher_pipe.encode(batch[0]), self.generated_cond,
                                     sigma)
+        fake = discriminator_logits(self.teacher, discriminator, self.generated,
+                                    self.generated_cond, sigma)
         loss = hinge_discriminator_loss(real, fake)
         return loss, {"disc": loss.detach(), "d_real": real.mean().detach(),
                       "d_fake": fake.mean().detach()}
