@@ -453,36 +453,50 @@ def test_feature_discriminator_on_unet_and_mlp_features():
     assert hinge_discriminator_loss(torch.tensor([0.0]), torch.tensor([0.0])) == 2
 
 
-def test_gan_term_trains_the_heads_never_the_teacher(tmp_path):
-    """ctm.gan_weight > 0: after gan_start the discriminator heads step on the hinge loss, the
-    generator gets the adaptive GAN weight in [0.01, 10], and the teacher stays frozen."""
+@pytest.mark.parametrize("term", ["gan", "dm"])
+def test_auxiliary_term_switches_on_at_its_start_and_never_trains_the_teacher(tmp_path, term):
+    """ctm.gan_weight / ctm.dm_weight > 0: from gan_start / dm_start the generator gets the term
+    on its 1-step samples with the adaptive weight in [0.01, 10], the auxiliary network (the
+    discriminator's heads, or DMD's fake score) steps, and the teacher stays frozen. The fake
+    score starts as the teacher, so the first DM loss is exactly zero."""
     from diffusers import EDMEulerScheduler
 
     from gendistill.config import load_config
+    from gendistill.data import load_dataset
     from gendistill.methods.ctm import CTMTraining
     from gendistill.pipelines import TeacherPipeline
-    from gendistill.training import train
     from gendistill.train import data_loader
-    from gendistill.data import load_dataset
+    from gendistill.training import train
 
     net = build_network((2,), num_classes=4, width=32, depth=2)
     teacher = TeacherPipeline(net, EDMEulerScheduler())
     teacher.set_progress_bar_config(disable=True)
     cfg = load_config("configs/ctm/toy2d.yaml", [
-        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.gan_weight=1", "ctm.gan_start=2",
-        "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
+        f"output_dir={tmp_path}", "ctm.num_grid=6", f"ctm.{term}_weight=1",
+        f"ctm.{term}_start=2", "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
         "train.checkpoint_every=0"])
     method = CTMTraining(cfg, teacher, torch.tensor(4))
-    heads = {k: v.clone() for k, v in method.discriminator.state_dict().items()}
+    auxiliary = {k: v.clone() for k, v in method.auxiliary[0].state_dict().items()}
     teacher_weights = {k: v.clone() for k, v in net.state_dict().items()}
-    seen = []
-    real_aux = method.auxiliary_loss
-    method.auxiliary_loss = lambda b, s: seen.append(s) or real_aux(b, s)
+    logs = []
+    real_loss = method.loss
+    method.loss = lambda b, s: (lambda out: logs.append((s, out[1])) or out)(real_loss(b, s))
     ds = load_dataset("toy2d", "train")
     train(cfg, method, data_loader(ds.x, ds.y, 16, 0))
-    assert [s for s in seen if method.gan_active(s)] == [2, 3]
-    assert any(not v.equal(method.discriminator.state_dict()[k]) for k, v in heads.items())
+    assert [s for s, log in logs if term in log] == [2, 3]
+    assert all(0.01 <= log[f"{term}_weight"] <= 10 for s, log in logs if s >= 2)
+    if term == "dm":
+        assert logs[2][1]["dm"] == 0 and logs[3][1]["dm"] > 0
+    trained = method.auxiliary[0].state_dict()
+    assert any(not v.equal(trained[k]) for k, v in auxiliary.items())
     assert all(v.equal(net.state_dict()[k]) for k, v in teacher_weights.items())
+
+
+def test_gan_and_dm_terms_together_are_a_config_error():
+    from gendistill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="ctm.gan_weight and ctm.dm_weight"):
+        load_config("configs/ctm/toy2d.yaml", ["ctm.gan_weight=1", "ctm.dm_weight=1"])
 
 
 def test_the_discriminator_learns_to_tell_shrunk_samples_from_real():
@@ -514,43 +528,6 @@ def test_the_discriminator_learns_to_tell_shrunk_samples_from_real():
     assert history[0]["disc"] > 1.6
     assert sum(float(h["disc"]) for h in last) / 20 < 1.0
     assert all(h["d_real"] > h["d_fake"] for h in last)
-
-
-def test_dm_term_switches_on_at_dm_start_and_trains_the_fake_score(tmp_path):
-    """ctm.dm_weight > 0: from dm_start the student gets DMD's term on its 1-step samples and
-    the fake score (a copy of the teacher, so the first DM loss is exactly zero) steps on
-    them; the teacher stays frozen; gan + dm together is a config error."""
-    from diffusers import EDMEulerScheduler
-
-    from gendistill.config import ConfigError, load_config
-    from gendistill.data import load_dataset
-    from gendistill.methods.ctm import CTMTraining
-    from gendistill.pipelines import TeacherPipeline
-    from gendistill.train import data_loader
-    from gendistill.training import train
-
-    with pytest.raises(ConfigError, match="ctm.gan_weight and ctm.dm_weight"):
-        load_config("configs/ctm/toy2d.yaml", ["ctm.gan_weight=1", "ctm.dm_weight=1"])
-    net = build_network((2,), num_classes=4, width=32, depth=2)
-    teacher = TeacherPipeline(net, EDMEulerScheduler())
-    teacher.set_progress_bar_config(disable=True)
-    cfg = load_config("configs/ctm/toy2d.yaml", [
-        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.dm_weight=1", "ctm.dm_start=2",
-        "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
-        "train.checkpoint_every=0"])
-    method = CTMTraining(cfg, teacher, torch.tensor(4))
-    fake_score = {k: v.clone() for k, v in method.fake_score.state_dict().items()}
-    teacher_weights = {k: v.clone() for k, v in net.state_dict().items()}
-    logs = []
-    real_loss = method.loss
-    method.loss = lambda b, s: (lambda out: logs.append((s, out[1])) or out)(real_loss(b, s))
-    ds = load_dataset("toy2d", "train")
-    train(cfg, method, data_loader(ds.x, ds.y, 16, 0))
-    assert [s for s, log in logs if "dm" in log] == [2, 3]
-    assert logs[2][1]["dm"] == 0 and logs[3][1]["dm"] > 0
-    assert 0.01 <= logs[3][1]["dm_weight"] <= 10
-    assert any(not v.equal(method.fake_score.state_dict()[k]) for k, v in fake_score.items())
-    assert all(v.equal(net.state_dict()[k]) for k, v in teacher_weights.items())
 
 
 @pytest.mark.parametrize("scale", [0.7, 1.3])
