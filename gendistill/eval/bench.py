@@ -162,6 +162,8 @@ DIGITS_ABLATION = {
     "default": [],
     "l2": ["ctm.distance=l2"],
     "lr-cosine": ["train.lr_schedule=cosine"],
+    # DMD's distribution matching on the 1-step samples for the last two thirds of the run
+    "dm": ["ctm.dm_weight=1", "ctm.dm_start=400"],
 }
 
 

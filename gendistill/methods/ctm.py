@@ -14,11 +14,10 @@ those samples (``ctm.dm_weight``, the gradient of methods/dmd2.py). See DESIGN.m
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import copy
 
 import torch
 from torch import nn
