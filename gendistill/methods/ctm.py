@@ -30,6 +30,7 @@ from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims, edm_loss_w
 from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent
 from ..training.ema import EMA
+from ..training.loop import unwrap
 from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
                    dm_sigmas)
 
@@ -233,11 +234,10 @@ class CTMTraining:
 
     @property
     def fake_score(self) -> FakeScore:
-        fake_score = self.auxiliary[0]  # DDP-wrapped on several GPUs
-        return getattr(fake_score, "module", fake_score)
+        return unwrap(self.auxiliary[0])
 
     def after_step(self, step: int):
-        self.target.update(getattr(self.model, "module", self.model))
+        self.target.update(unwrap(self.model))
 
     def distance(self, estimate, target, sigma, cond):
         name = self.cfg.ctm.distance
@@ -277,7 +277,7 @@ class CTMTraining:
             estimate = target_net(estimate, s, level, cond, guidance)  # grads through input only
             with torch.no_grad():
                 target = target_net(target, s, level, cond, guidance)
-        student = getattr(self.model, "module", self.model)
+        student = unwrap(self.model)
         loss_ctm = self.distance(estimate, target, level, cond)
         if c.output_weighting:
             loss_ctm = loss_ctm * student.output_weight(t)

@@ -30,6 +30,7 @@ from ..diffusion import (SIGMA_DATA, Denoiser, append_dims, append_zero,
 from ..models.discriminator import FeatureDiscriminator
 from ..models.msd import one_step
 from ..models.networks import MLPNet
+from ..training.loop import unwrap
 
 DM_GRID_POINTS = 1000
 
@@ -195,8 +196,7 @@ class DMD2Training:
 
     @property
     def fake(self) -> FakeScore:
-        fake = self.auxiliary[0]  # DDP-wrapped on several GPUs
-        return getattr(fake, "module", fake)
+        return unwrap(self.auxiliary[0])
 
     @property
     def tsm_steps(self) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, changed_keys, to_dict
@@ -37,6 +38,12 @@ log = logging.getLogger("gendistill")
 
 class TrainingError(RuntimeError):
     pass
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module itself, where the loop's ``accelerator.prepare`` wrapped it (DDP on several
+    processes): a method's own calls reach its attributes and methods."""
+    return getattr(module, "module", module)
 
 
 def lr_decay(schedule: str, step: int, max_steps: int) -> float:
