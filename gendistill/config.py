@@ -94,6 +94,8 @@ class CTMConfig:
     """CTM / SoundCTM distillation (DESIGN.md section 4)."""
 
     num_grid: int = 18             # N points of the Karras grid (40 at paper scale)
+    sigma_max: float | None = None  # top of the grid, the DSM levels and the student's range;
+                                   # unset: the teacher's sigma_max
     max_jump: int | None = None    # K, default N - 1
     match_point: str = "zs"        # zs (SoundCTM) or z0 (CTM)
     distance: str = "teacher_feature"  # teacher_feature, l2 or lpips
@@ -265,6 +267,7 @@ RANGES = {
     "edm.sigma_data": (0, INF, True), "edm.p_mean": (-INF, INF, False),
     "edm.p_std": (0, INF, True),
     "ctm.num_grid": (2, 10000, False), "ctm.max_jump": (1, 10000, False),
+    "ctm.sigma_max": (0, INF, True),
     "ctm.denoising_weight": (0, INF, False), "ctm.guidance_min": (1, 100, False),
     "ctm.guidance_max": (1, 100, False), "ctm.target_ema": (0, 1.0, False),
     "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),

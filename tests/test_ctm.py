@@ -412,6 +412,27 @@ def test_the_new_embeddings_learn_at_their_own_rate(tmp_path):
 
 def test_teacher_targets_run_in_fp32_under_autocast():
     """The training loop's autocast must not reach the teacher's Heun targets or features."""
+
+def test_sigma_max_caps_the_grid_the_dsm_levels_and_the_students_range(tmp_path, monkeypatch):
+    """ctm.sigma_max: the CTM grid and the DSM levels stop there, and so does the exported
+    scheduler; above the teacher's own sigma_max it is a config error naming the range."""
+    import gendistill.methods.ctm as ctm
+    from gendistill.config import ConfigError
+
+    method = ctm_training(tmp_path, "ctm.sigma_max=10")
+    assert float(method.grid[0]) == pytest.approx(10.0)
+    assert float(method.grid[-1]) == pytest.approx(method.teacher.sigma_min)
+    assert method.scheduler.config.sigma_max == pytest.approx(10.0)
+    levels = []
+    real_sampler = ctm.sample_half_lognormal
+    monkeypatch.setattr(ctm, "sample_half_lognormal", lambda *a, **k: levels.append(
+        k["sigma_max"]) or real_sampler(*a, **k))
+    method.loss((torch.randn(8, 2), torch.arange(8) % 4), step=0)
+    assert levels == [10.0]
+    assert float(ctm_training(tmp_path).grid[0]) == pytest.approx(80.0)  # unset: the teacher's
+    with pytest.raises(ConfigError, match=r"ctm.sigma_max must be in \(0.002, 80\]"):
+        ctm_training(tmp_path, "ctm.sigma_max=100")
+
     teacher = EDMDenoiser(build_network((2,), num_classes=4, width=32, depth=2), 0.5)
     grid = karras_sigmas(6)
     x, y = torch.randn(4, 2) * 80, torch.arange(4)

@@ -192,8 +192,12 @@ class CTMTraining:
                                              s_log_scale=c.s_log_scale,
                                              guidance_embed_scale=c.guidance_embed_scale,
                                              teacher_scheduler=teacher.scheduler_config)
-        self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, teacher.sigma_max)
-        self.scheduler = CTMScheduler(sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max)
+        self.sigma_max = teacher.sigma_max if c.sigma_max is None else c.sigma_max
+        if not teacher.sigma_min < self.sigma_max <= teacher.sigma_max:
+            raise ConfigError(f"ctm.sigma_max must be in ({teacher.sigma_min:g}, "
+                              f"{teacher.sigma_max:g}], the teacher's range, got {c.sigma_max}")
+        self.grid = karras_sigmas(c.num_grid, teacher.sigma_min, self.sigma_max)
+        self.scheduler = CTMScheduler(sigma_min=teacher.sigma_min, sigma_max=self.sigma_max)
         embeddings = list(self.model.embedding_parameters())
         new = {id(p) for p in embeddings}
         self.optimizer = torch.optim.RAdam(
@@ -287,7 +291,7 @@ class CTMTraining:
         if c.denoising_weight > 0:
             t = self.teacher
             loss_dsm = dsm_loss(self.model, x0, cond, t.sigma_data, guidance, t.sigma_min,
-                                t.sigma_max)
+                                self.sigma_max)
             weight = adaptive_weight(loss_ctm, loss_dsm, student.last_layer)
             logs.update(dsm=loss_dsm.detach(), dsm_weight=weight)
             loss = loss + c.denoising_weight * weight * loss_dsm
