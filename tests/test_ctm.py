@@ -58,6 +58,30 @@ def test_student_works_for_mlp_and_text_unets():
     assert out.shape == (2, 1, 8, 8)
 
 
+def test_guidance_in_text_reaches_cross_attention_and_starts_as_the_teacher():
+    """guidance_in_text adds omega's embedding to every token's states: zero at the start (the
+    student is its teacher), and once learned, omega moves the output through cross-attention
+    alone (the time-embedding path held at zero). Class-conditional networks refuse it."""
+    torch.manual_seed(0)
+    text = build_network((1, 8, 8), cross_attention_dim=32, channels=(8, 16))
+    teacher = EDMDenoiser(text, 0.5)
+    s = CTMStudent.from_teacher(text, 0.5, 0.002, embed_guidance=True, guidance_in_text=True)
+    x, states, t = torch.randn(2, 1, 8, 8), torch.randn(2, 5, 32), torch.full((2,), 1.5)
+    with torch.no_grad():
+        torch.testing.assert_close(s.denoise(x, t, t, states, torch.tensor([2.0, 4.0])),
+                                   teacher(x, t, states), atol=1e-5, rtol=0)
+        torch.nn.init.normal_(s.guidance_text_embedding.linear_2.weight, std=0.1)
+        low, high = (s.denoise(x, t, t, states, torch.full((2,), w)) for w in (2.0, 5.0))
+    assert not s.guidance_embedding.linear_2.weight.any()
+    assert (high - low).abs().max() > 1e-3
+    assert {n.split(".")[0] for n, p in s.named_parameters()
+            if any(p is q for q in s.embedding_parameters())} == {
+        "s_embedding", "guidance_embedding", "guidance_text_embedding"}
+    with pytest.raises(ValueError, match="cross-attention on text token states"):
+        CTMStudent.from_teacher(tiny_unet(), 0.5, 0.002, embed_guidance=True,
+                                guidance_in_text=True)
+
+
 def test_teacher_feature_distance_zero_for_identical_and_differentiable():
     teacher = EDMDenoiser(tiny_unet(), 0.5).requires_grad_(False)
     a, y, sigma = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]), torch.full((3,), 0.7)
@@ -412,6 +436,13 @@ def test_the_new_embeddings_learn_at_their_own_rate(tmp_path):
 
 def test_teacher_targets_run_in_fp32_under_autocast():
     """The training loop's autocast must not reach the teacher's Heun targets or features."""
+
+def test_guidance_in_text_without_text_states_is_a_config_error(tmp_path):
+    from gendistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ctm.guidance_in_text needs CFG distillation"):
+        ctm_training(tmp_path, "ctm.guidance_in_text=true", "ctm.guidance_max=5")
+
 
 def test_sigma_max_caps_the_grid_the_dsm_levels_and_the_students_range(tmp_path, monkeypatch):
     """ctm.sigma_max: the CTM grid and the DSM levels stop there, and so does the exported

@@ -28,7 +28,7 @@ from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims, edm_loss_w
                          full_precision, heun_step, karras_sigmas, sample_half_lognormal,
                          sample_lognormal)
 from ..models.discriminator import FeatureDiscriminator
-from ..models.student import CTMStudent
+from ..models.student import CTMStudent, text_states_width
 from ..training.ema import EMA
 from ..training.loop import unwrap
 from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
@@ -187,11 +187,16 @@ class CTMTraining:
         teacher = teacher_pipe.denoiser()
         self.teacher = teacher.eval().requires_grad_(False)
         self.distill_guidance = c.guidance_max > 1.0
+        if c.guidance_in_text and not (self.distill_guidance and text_states_width(teacher.net)):
+            raise ConfigError("ctm.guidance_in_text needs CFG distillation (ctm.guidance_max > "
+                              "1) and a teacher with cross-attention on text token states, got "
+                              f"guidance_max {c.guidance_max} and {type(teacher.net).__name__}")
         self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
                                              embed_guidance=self.distill_guidance,
                                              s_log_scale=c.s_log_scale,
                                              guidance_embed_scale=c.guidance_embed_scale,
-                                             teacher_scheduler=teacher.scheduler_config)
+                                             teacher_scheduler=teacher.scheduler_config,
+                                             guidance_in_text=c.guidance_in_text)
         self.sigma_max = teacher.sigma_max if c.sigma_max is None else c.sigma_max
         if not teacher.sigma_min < self.sigma_max <= teacher.sigma_max:
             raise ConfigError(f"ctm.sigma_max must be in ({teacher.sigma_min:g}, "

@@ -29,6 +29,17 @@ def zero_init_embedding(dim_in: int, dim: int) -> TimestepEmbedding:
     return emb
 
 
+def text_states_width(network: nn.Module) -> int | None:
+    """The width of the token states a network's cross-attention reads (None: it reads none,
+    as a class-conditional network or AudioLDM's UNet, whose text embedding is a class
+    embedding)."""
+    config = network.config
+    if "caption_channels" in config:  # PixArt projects the states first
+        return config["caption_channels"]
+    width = config.get("cross_attention_dim")
+    return width if isinstance(width, int) and config.get("class_embed_type") is None else None
+
+
 def trajectory_jump(x: torch.Tensor, t, s, denoised: torch.Tensor) -> torch.Tensor:
     """G(x_t, t, s) = (s/t) x_t + (1 - s/t) g: from x at t to s, given the estimate g."""
     ratio = s / t
@@ -46,7 +57,8 @@ class CTMStudent(ModelMixin, ConfigMixin):
     def __init__(self, network_class: str, network_config: dict, sigma_data: float = SIGMA_DATA,
                  sigma_min: float = SIGMA_MIN, embed_guidance: bool = False,
                  embedding_channels: int = 64, s_log_scale: float = 0.25,
-                 guidance_embed_scale: float = 1000.0, teacher_scheduler: dict | None = None):
+                 guidance_embed_scale: float = 1000.0, teacher_scheduler: dict | None = None,
+                 guidance_in_text: bool = False):
         super().__init__()
         if network_class not in NETWORK_CLASSES:
             raise ValueError(f"unsupported student network {network_class!r} "
@@ -59,6 +71,14 @@ class CTMStudent(ModelMixin, ConfigMixin):
             self.guidance_proj = Timesteps(embedding_channels, flip_sin_to_cos=True,
                                            downscale_freq_shift=0)
             self.guidance_embedding = zero_init_embedding(embedding_channels, dim)
+            if guidance_in_text:
+                # omega also shifts every text token's states, so that cross-attention reads
+                # it: the time embedding alone barely moves the sound UNet's output
+                width = text_states_width(self.network)
+                if width is None:
+                    raise ValueError(f"guidance_in_text needs a network with cross-attention on "
+                                     f"text token states, got {network_class}")
+                self.guidance_text_embedding = zero_init_embedding(embedding_channels, width)
         self._extra_embedding = None
         # the extra embeddings join the network's own time embedding, wherever it is used
         for module in time_embedding_modules(self.network):
@@ -68,12 +88,13 @@ class CTMStudent(ModelMixin, ConfigMixin):
     def from_teacher(cls, network: nn.Module, sigma_data: float, sigma_min: float,
                      embed_guidance: bool, s_log_scale: float = 0.25,
                      guidance_embed_scale: float = 1000.0,
-                     teacher_scheduler: dict | None = None) -> "CTMStudent":
+                     teacher_scheduler: dict | None = None,
+                     guidance_in_text: bool = False) -> "CTMStudent":
         """A student whose network starts as a copy of the teacher network's weights."""
         student = cls(type(network).__name__, dict(network.config), sigma_data, sigma_min,
                       embed_guidance, s_log_scale=s_log_scale,
                       guidance_embed_scale=guidance_embed_scale,
-                      teacher_scheduler=teacher_scheduler)
+                      teacher_scheduler=teacher_scheduler, guidance_in_text=guidance_in_text)
         student.network.load_state_dict(network.state_dict())
         return student
 
@@ -96,6 +117,8 @@ class CTMStudent(ModelMixin, ConfigMixin):
         yield from self.s_embedding.parameters()
         if self.has_guidance:
             yield from self.guidance_embedding.parameters()
+        if self.config.guidance_in_text:
+            yield from self.guidance_text_embedding.parameters()
 
     def _add_extra_embedding(self, _module, _inputs, output):
         return output if self._extra_embedding is None else output + self._extra_embedding
@@ -111,18 +134,24 @@ class CTMStudent(ModelMixin, ConfigMixin):
         s_noise = self.config.s_log_scale * s.clamp_min(self.config.sigma_min).log()
         emb = self.s_embedding(self.s_proj(s_noise).to(self.dtype))
         if self.has_guidance:
-            w = torch.as_tensor(1.0 if guidance is None else guidance, device=s.device,
-                                dtype=s.dtype).expand(s.shape[0])
-            # LCM / SoundCTM embed 1000 omega; over omega in [1, 5] its fast sinusoids wrap
-            # around many times and the slow ones barely move
-            scaled = self.config.guidance_embed_scale * w
-            emb = emb + self.guidance_embedding(self.guidance_proj(scaled).to(self.dtype))
+            emb = emb + self.guidance_embedding(self.guidance_features(guidance, s))
         return emb
+
+    def guidance_features(self, guidance, s: torch.Tensor) -> torch.Tensor:
+        """The sinusoids of each sample's omega (None: 1, unguided), one row per s."""
+        w = torch.as_tensor(1.0 if guidance is None else guidance, device=s.device,
+                            dtype=s.dtype).expand(s.shape[0])
+        # LCM / SoundCTM embed 1000 omega; over omega in [1, 5] its fast sinusoids wrap
+        # around many times and the slow ones barely move
+        return self.guidance_proj(self.config.guidance_embed_scale * w).to(self.dtype)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond=None,
                 guidance=None) -> torch.Tensor:
         """g(x_t, t, s): the teacher's denoiser form at noise level t."""
         self._extra_embedding = self.extra_embedding(s, guidance)
+        if self.config.guidance_in_text and cond is not None:
+            # token states (B x L x D) plus each sample's omega embedding
+            cond = cond + self.guidance_text_embedding(self.guidance_features(guidance, s))[:, None]
         try:
             return self.parameterization(x, t, cond)
         finally:
