@@ -77,9 +77,10 @@ def test_guidance_in_text_reaches_cross_attention_and_starts_as_the_teacher():
     assert {n.split(".")[0] for n, p in s.named_parameters()
             if any(p is q for q in s.embedding_parameters())} == {
         "s_embedding", "guidance_embedding", "guidance_text_embedding"}
-    with pytest.raises(ValueError, match="cross-attention on text token states"):
-        CTMStudent.from_teacher(tiny_unet(), 0.5, 0.002, embed_guidance=True,
-                                guidance_in_text=True)
+    for network, embed_guidance in ((tiny_unet(), True), (text, False)):
+        with pytest.raises(ValueError, match="cross-attention on text token states"):
+            CTMStudent.from_teacher(network, 0.5, 0.002, embed_guidance=embed_guidance,
+                                    guidance_in_text=True)
 
 
 def test_teacher_feature_distance_zero_for_identical_and_differentiable():

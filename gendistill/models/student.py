@@ -71,14 +71,14 @@ class CTMStudent(ModelMixin, ConfigMixin):
             self.guidance_proj = Timesteps(embedding_channels, flip_sin_to_cos=True,
                                            downscale_freq_shift=0)
             self.guidance_embedding = zero_init_embedding(embedding_channels, dim)
-            if guidance_in_text:
-                # omega also shifts every text token's states, so that cross-attention reads
-                # it: the time embedding alone barely moves the sound UNet's output
-                width = text_states_width(self.network)
-                if width is None:
-                    raise ValueError(f"guidance_in_text needs a network with cross-attention on "
-                                     f"text token states, got {network_class}")
-                self.guidance_text_embedding = zero_init_embedding(embedding_channels, width)
+        if guidance_in_text:
+            # omega also shifts every text token's states, so that cross-attention reads it:
+            # the time embedding alone barely moves the sound UNet's output
+            width = text_states_width(self.network)
+            if width is None or not embed_guidance:
+                raise ValueError(f"guidance_in_text needs embed_guidance and a network with "
+                                 f"cross-attention on text token states, got {network_class}")
+            self.guidance_text_embedding = zero_init_embedding(embedding_channels, width)
         self._extra_embedding = None
         # the extra embeddings join the network's own time embedding, wherever it is used
         for module in time_embedding_modules(self.network):
