@@ -435,9 +435,6 @@ def test_the_new_embeddings_learn_at_their_own_rate(tmp_path):
     assert rest["lr"] == method.cfg.train.lr
 
 
-def test_teacher_targets_run_in_fp32_under_autocast():
-    """The training loop's autocast must not reach the teacher's Heun targets or features."""
-
 def test_guidance_in_text_without_text_states_is_a_config_error(tmp_path):
     from gendistill.config import ConfigError
 
@@ -465,6 +462,9 @@ def test_sigma_max_caps_the_grid_the_dsm_levels_and_the_students_range(tmp_path,
     with pytest.raises(ConfigError, match=r"ctm.sigma_max must be in \(0.002, 80\]"):
         ctm_training(tmp_path, "ctm.sigma_max=100")
 
+
+def test_teacher_targets_run_in_fp32_under_autocast():
+    """The training loop's autocast must not reach the teacher's Heun targets or features."""
     teacher = EDMDenoiser(build_network((2,), num_classes=4, width=32, depth=2), 0.5)
     grid = karras_sigmas(6)
     x, y = torch.randn(4, 2) * 80, torch.arange(4)

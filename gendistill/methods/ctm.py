@@ -28,7 +28,7 @@ from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims, edm_loss_w
                          full_precision, heun_step, karras_sigmas, sample_half_lognormal,
                          sample_lognormal)
 from ..models.discriminator import FeatureDiscriminator
-from ..models.student import CTMStudent, text_states_width
+from ..models.student import CTMStudent, guidance_text_width
 from ..training.ema import EMA
 from ..training.loop import unwrap
 from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
@@ -187,10 +187,11 @@ class CTMTraining:
         teacher = teacher_pipe.denoiser()
         self.teacher = teacher.eval().requires_grad_(False)
         self.distill_guidance = c.guidance_max > 1.0
-        if c.guidance_in_text and not (self.distill_guidance and text_states_width(teacher.net)):
-            raise ConfigError("ctm.guidance_in_text needs CFG distillation (ctm.guidance_max > "
-                              "1) and a teacher with cross-attention on text token states, got "
-                              f"guidance_max {c.guidance_max} and {type(teacher.net).__name__}")
+        if c.guidance_in_text:
+            try:  # a user's config error, before anything is built
+                guidance_text_width(teacher.net, self.distill_guidance)
+            except ValueError as error:
+                raise ConfigError(f"ctm.{error} (ctm.guidance_max {c.guidance_max})") from None
         self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
                                              embed_guidance=self.distill_guidance,
                                              s_log_scale=c.s_log_scale,

@@ -29,15 +29,20 @@ def zero_init_embedding(dim_in: int, dim: int) -> TimestepEmbedding:
     return emb
 
 
-def text_states_width(network: nn.Module) -> int | None:
-    """The width of the token states a network's cross-attention reads (None: it reads none,
-    as a class-conditional network or AudioLDM's UNet, whose text embedding is a class
-    embedding)."""
+def guidance_text_width(network: nn.Module, embed_guidance: bool) -> int:
+    """The width of the token states that ``guidance_in_text`` adds omega's embedding to: the
+    states a network's cross-attention reads. A ValueError where there are none (a
+    class-conditional network, or AudioLDM's UNet, whose text embedding is a class embedding)
+    or no omega to add."""
     config = network.config
-    if "caption_channels" in config:  # PixArt projects the states first
-        return config["caption_channels"]
-    width = config.get("cross_attention_dim")
-    return width if isinstance(width, int) and config.get("class_embed_type") is None else None
+    width = config.get("caption_channels")  # PixArt projects the states first
+    if width is None and config.get("class_embed_type") is None:
+        width = config.get("cross_attention_dim")
+    if not isinstance(width, int) or not embed_guidance:
+        raise ValueError(f"guidance_in_text needs CFG distillation and a network with "
+                         f"cross-attention on text token states, got {type(network).__name__}"
+                         f"{'' if embed_guidance else ' without CFG distillation'}")
+    return width
 
 
 def trajectory_jump(x: torch.Tensor, t, s, denoised: torch.Tensor) -> torch.Tensor:
@@ -74,10 +79,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
         if guidance_in_text:
             # omega also shifts every text token's states, so that cross-attention reads it:
             # the time embedding alone barely moves the sound UNet's output
-            width = text_states_width(self.network)
-            if width is None or not embed_guidance:
-                raise ValueError(f"guidance_in_text needs embed_guidance and a network with "
-                                 f"cross-attention on text token states, got {network_class}")
+            width = guidance_text_width(self.network, embed_guidance)
             self.guidance_text_embedding = zero_init_embedding(embedding_channels, width)
         self._extra_embedding = None
         # the extra embeddings join the network's own time embedding, wherever it is used
