@@ -165,6 +165,26 @@ def test_msd_rows_read_the_omega_their_run_distilled_against(tmp_path):
             ("msd-k4", "msd")} == rows - {("teacher", "euler-1")}
 
 
+def test_digits_msd_gives_only_the_narrow_students_a_longer_schedule():
+    from gendistill.config import REPO_ROOT, load_config
+
+    preset = PRESETS["digits-msd"]
+
+    def resolved(name, extra=()):
+        student = preset.students[name]
+        return load_config(REPO_ROOT / student.config, student.overrides + list(extra))
+
+    narrow, wide = resolved("msd-k4-w50"), resolved("msd-k4")
+    assert (narrow.train.max_steps, narrow.msd.tsm_steps, narrow.msd.student_width) == (3000, 600,
+                                                                                       0.5)
+    assert wide.train.max_steps == 600 and wide.msd.student_width == 1.0
+    # --quick still trains every student briefly
+    assert resolved("msd-k4-w50", preset.quick_overrides).train.max_steps == 40
+    assert PRESETS["toy2d-msd"].students["msd-k4-w50"].overrides == ["msd.num_students=4",
+                                                                    "msd.student_width=0.5"]
+    assert preset.eval_seeds == (0, 1, 2)
+
+
 def test_the_demo_runs_the_digits_rows_of_the_main_teacher_only():
     preset = PRESETS["digits"].main_teacher_only()
     assert preset.other_teachers == {} and set(preset.students) == {"ctm"}
