@@ -184,18 +184,17 @@ MSD_VARIANTS = {"dmd2-k1": ["msd.num_students=1"], "msd-k2": ["msd.num_students=
 
 def _msd_preset(dataset: str, num_samples: int, quick_num_samples: int, quick: list[str],
                 timing_batch: int, variants=tuple(MSD_VARIANTS), teacher_rows=None,
-                full: list[str] = (), narrow: list[str] = (), eval_seeds=(0,)) -> Preset:
+                full: list[str] = (), schedules: dict[str, list[str]] | None = None,
+                eval_seeds=(0,)) -> Preset:
     """The MSD rows of issue 8 on ``configs/msd/<dataset>.yaml``: equal steps and batch per
     student in every row (the config's ``msd.tsm_steps`` and ``msd.gan_start`` place TSM and
-    stage 2 inside them), except that ``narrow`` overrides the narrow students' schedule. Each
-    row is read against the teacher at the omega its students were distilled at
-    (``msd.guidance``)."""
+    stage 2 inside them), except the rows ``schedules`` gives their own. Each row is read
+    against the teacher at the omega its students were distilled at (``msd.guidance``)."""
     config = f"configs/msd/{dataset}.yaml"
-    students = {name: Student(config, ["msd.num_students=4", *MSD_VARIANTS[name]]
-                              if name.startswith("msd-k4") else MSD_VARIANTS[name])
+    schedules = schedules or {}
+    students = {name: Student(config, (["msd.num_students=4"] if name.startswith("msd-k4")
+                                       else []) + MSD_VARIANTS[name] + schedules.get(name, []))
                 for name in variants}
-    if "msd-k4-w50" in students:
-        students["msd-k4-w50"].overrides += narrow
     rows = [Row(name, "dmd2" if name == "dmd2-k1" else "msd", name, {}) for name in variants]
     return Preset(dataset=dataset, teacher_config=f"configs/teacher/{dataset}.yaml",
                   students=students, rows=(teacher_rows or _teacher_rows(18)) + rows,
@@ -266,7 +265,8 @@ PRESETS = {
     # stay 4.9x the full-width students' score, and their steps are cheaper (README)
     "digits-msd": _msd_preset("digits", 1000, 300, ["train.max_steps=40", "msd.num_pairs=64",
                                                     "msd.tsm_steps=10", "msd.gan_start=30"], 64,
-                              narrow=["msd.tsm_steps=600", "train.max_steps=3000"],
+                              schedules={"msd-k4-w50": ["msd.tsm_steps=600",
+                                                        "train.max_steps=3000"]},
                               eval_seeds=(0, 1, 2)),
     # SoundCTM text-to-sound (issue 9): the shipped teacher, CFG-distilled students
     "synthsounds": Preset(
