@@ -176,7 +176,7 @@ def test_digits_msd_gives_only_the_narrow_students_a_longer_schedule():
 
     narrow, wide = resolved("msd-k4-w50"), resolved("msd-k4")
     assert narrow.msd.student_width == 0.5
-    assert (narrow.train.max_steps, narrow.msd.tsm_steps) == (3000, 600)
+    assert (narrow.train.max_steps, narrow.msd.tsm_steps) == (9000, 600)
     assert wide.train.max_steps == 600 and wide.msd.student_width == 1.0
     # --quick still trains every student briefly
     assert resolved("msd-k4-w50", preset.quick_overrides).train.max_steps == 40
