@@ -338,6 +338,9 @@ def validate(cfg: Config) -> Config:
     if len(m.dm_range) != 2 or m.dm_range[0] >= m.dm_range[1]:
         raise ConfigError(f"msd.dm_range: expected [low, high] with low < high, got "
                           f"{m.dm_range}")
+    if m.adversarial and m.gan_start >= cfg.train.max_steps and cfg.method == "msd":
+        raise ConfigError(f"msd.gan_start ({m.gan_start}) leaves no adversarial steps before "
+                          f"train.max_steps ({cfg.train.max_steps}) with msd.adversarial=true")
     if m.student_width < 1 and m.tsm_steps >= cfg.train.max_steps and cfg.method == "msd":
         raise ConfigError(f"msd.tsm_steps ({m.tsm_steps}) leaves no DM steps before "
                           f"train.max_steps ({cfg.train.max_steps})")

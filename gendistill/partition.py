@@ -110,8 +110,12 @@ def median_split_tree(embeddings: torch.Tensor, num_parts: int) -> tuple[list, l
         half = len(proj) // 2
         threshold = float((ordered[half - 1] + ordered[half]) / 2)
         axes[node], thresholds[node] = axis.tolist(), threshold
-        members[2 * node + 1] = members[node][proj <= threshold]
-        members[2 * node + 2] = members[node][proj > threshold]
+        left = proj <= threshold
+        if left.all():  # the middle projections tie: no cut separates these prompts
+            raise PartitionError(f"{len(pts)} prompts project to the same point: too few "
+                                 f"distinct prompts for {num_parts} students")
+        members[2 * node + 1] = members[node][left]
+        members[2 * node + 2] = members[node][~left]
     return axes, thresholds
 
 
@@ -165,11 +169,9 @@ class Router:
         return (node - (self.num_students - 1)).to(cond.device)
 
 
-def class_features(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                   features=None) -> torch.Tensor:
-    """Per-class mean of ``features(x)`` (or of x itself), (C, D)."""
-    feats = x if features is None else features(x)
-    feats = feats.flatten(1).double()
+def class_features(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class mean of the rows of ``x`` (features, or the data itself), (C, D)."""
+    feats = x.flatten(1).double()
     return torch.stack([feats[labels == c].mean(0) for c in range(num_classes)])
 
 

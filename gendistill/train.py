@@ -130,7 +130,7 @@ def run_training(cfg: Config) -> Path:
     elif cfg.method == "msd":
         from .methods.msd import train_msd
 
-        return train_msd(cfg, ds, cond, null_cond, teacher)
+        return train_msd(cfg, ds, cond, teacher)
     else:
         raise ConfigError(f"method: {cfg.method!r} is not implemented")
     if cfg.train.xformers:

@@ -51,3 +51,11 @@ def test_shipped_teacher_configs_load(name):
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.method == path.split("/")[1]
+
+
+def test_an_adversarial_stage_that_never_starts_is_an_error():
+    """msd.gan_start at or past train.max_steps would silently train without stage 2."""
+    with pytest.raises(ConfigError, match=r"msd.gan_start \(450\) leaves no adversarial steps "
+                                          r"before train.max_steps \(400\)"):
+        load_config("configs/msd/digits.yaml", ["msd.adversarial=true", "train.max_steps=400"])
+    assert load_config("configs/msd/digits.yaml", ["train.max_steps=400"]).msd.gan_start == 450

@@ -89,7 +89,7 @@ def test_dm_sigmas_stay_within_2_and_98_percent_of_the_grid():
 
 
 def test_regression_pairs_come_from_the_same_noise_and_condition(tmp_path):
-    teacher = GaussianDenoiser(0.5, mean=0.3)
+    teacher = toy_teacher()  # its ODE depends on the class: a misaligned condition shows
     conds = torch.arange(12) % 4
     pairs = teacher_pairs(teacher, conds, (2,), 1.0, num_steps=6, seed=0, batch_size=5)
     assert torch.equal(pairs["cond"], conds)
@@ -97,6 +97,8 @@ def test_regression_pairs_come_from_the_same_noise_and_condition(tmp_path):
     for i in (0, 7, 11):
         again = sample_heun(teacher, pairs["noise"][i:i + 1], sigmas, conds[i:i + 1])
         torch.testing.assert_close(pairs["x"][i:i + 1], again)
+        other = sample_heun(teacher, pairs["noise"][i:i + 1], sigmas, (conds[i:i + 1] + 1) % 4)
+        assert (pairs["x"][i] - other[0]).abs().max() > 1e-3
     # cached: the same key reuses the file, another key makes new pairs
     calls = []
 
@@ -124,7 +126,7 @@ def toy_training(**msd):
         setattr(cfg.msd, k, v)
     teacher = toy_teacher()
     pairs = {"noise": torch.randn(8, 2) * 80, "cond": torch.arange(8) % 4, "x": torch.randn(8, 2)}
-    return DMD2Training(cfg, teacher, torch.tensor(4), pairs), teacher
+    return DMD2Training(cfg, teacher, pairs), teacher
 
 
 def test_students_start_from_the_teacher_and_narrow_ones_are_smaller():
@@ -186,6 +188,7 @@ def test_students_component_routes_a_mixed_batch_with_one_call_per_sample():
         k = int(router(labels[i:i + 1]))
         torch.testing.assert_close(out[i:i + 1], one_step(EDMDenoiser(nets[k], 0.5),
                                                            noise[i:i + 1], labels[i:i + 1]))
+    torch.testing.assert_close(students(noise, labels), out)    # class labels route themselves
 
 
 TINY = ["train.max_steps=12", "train.batch_size=32", "msd.num_pairs=32", "msd.pair_steps=4",
@@ -212,6 +215,9 @@ def test_parts_train_as_separate_jobs_and_a_later_run_assembles(msd_run):
     index = json.loads((out / "model" / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "MSDPipeline"]
     assert json.loads((out / "partition.json").read_text())["assignment"] == [0, 0, 1, 1]
+    # the regression pairs span the whole conditioning space, not one student's part
+    pairs = torch.load(out / "teacher_pairs.pt", weights_only=True)
+    assert sorted(set(pairs["cond"].tolist())) == [0, 1, 2, 3]
 
 
 def test_generate_reports_the_student_and_evaluate_reads_msd_folders(msd_run, tmp_path):
@@ -283,6 +289,8 @@ def test_prompt_students_route_by_the_pooled_text_embedding(monkeypatch):
     assert out.students == router(pooled).tolist()
     assert sorted(out.students) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert out.samples.shape == (8, 1, 8, 8)
+    with pytest.raises(ValueError, match="text conditions need student="):
+        pipe.students(torch.randn(2, 1, 8, 8), _states[:2])
 
 
 def test_resume_continues_unfinished_students_and_starts_the_rest(tmp_path):
@@ -292,3 +300,20 @@ def test_resume_continues_unfinished_students_and_starts_the_rest(tmp_path):
     assert "resumed from" in proc.stderr                      # student 0, from its step 6
     assert (tmp_path / "students" / "student-1" / "model").is_dir()  # student 1, afresh
     assert (tmp_path / "model" / "model_index.json").is_file()
+
+
+def test_students_trained_on_another_partition_are_refused(tmp_path):
+    """Parts trained as separate jobs must route as this run does: a partition.json that another
+    machine's k-means or prompt split wrote differently is an error naming the file."""
+    from gendistill.config import ConfigError
+    from gendistill.methods.msd import check_partition
+
+    saved = tmp_path / "partition.json"
+    router = Router.for_classes([0, 0, 1, 1])
+    check_partition(saved, router, overwrite=False)  # nothing saved yet
+    saved.write_text(json.dumps(router.state))
+    check_partition(saved, router, overwrite=False)
+    saved.write_text(json.dumps(Router.for_classes([0, 1, 0, 1]).state))
+    with pytest.raises(ConfigError, match="partition.json: this run computes another partition"):
+        check_partition(saved, router, overwrite=False)
+    check_partition(saved, router, overwrite=True)

@@ -68,3 +68,8 @@ def test_prompt_router_is_balanced_and_routes_each_training_prompt_to_its_part()
     # the same prompt embedding goes to the same student whatever batch it is in
     assert router(pooled[[7]]).item() == parts[7].item()
     assert Router(router.state)(pooled).tolist() == parts.tolist()
+
+
+def test_prompts_that_no_cut_separates_are_an_error_not_an_empty_student():
+    with pytest.raises(PartitionError, match="4 prompts project to the same point"):
+        Router.for_prompts(torch.ones(4, 3), 2)

@@ -158,6 +158,37 @@ def test_two_process_cpu_training_exits_0_with_the_same_weights(tmp_path, launch
     assert lr[4] == pytest.approx(base * 5 / 8)  # after 4 updates, (4 + 1) / 8 of the lr
 
 
+ADVERSARIES = {
+    "msd-adversarial": ["configs/msd/toy2d.yaml", "msd.num_students=2", "msd.num_pairs=32",
+                        "msd.pair_steps=4", "msd.adversarial=true", "msd.gan_start=4",
+                        "msd.gen_update_ratio=2"],
+    "ctm-gan": ["configs/ctm/toy2d.yaml", "ctm.num_grid=6", "ctm.gan_weight=1",
+                "ctm.gan_start=4"],
+    "ctm-dm": ["configs/ctm/toy2d.yaml", "ctm.num_grid=6", "ctm.gan_weight=0",
+               "ctm.dm_weight=1", "ctm.dm_start=4"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ADVERSARIES)
+def test_two_process_training_keeps_the_second_player_in_step(tmp_path, method):
+    """A fake score (DMD2, CTM's DM term) or discriminator (CTM's GAN) trains on every rank's
+    samples through the data-parallel wrapper, and the generator's loss puts no gradient in it:
+    two real gloo processes end with the same weights in both players (the run compares the
+    generator, its EMA and the second player across ranks). MSD's two students train one after
+    the other in the same process group, and rank 0 alone assembles the pipeline."""
+    teacher = tmp_path / "teacher"
+    assert train(teacher, "train.max_steps=2").returncode == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gendistill", "--verbose",
+                           "train", *ADVERSARIES[method], f"teacher={teacher}",
+                           f"output_dir={tmp_path / 'run'}", "train.batch_size=32",
+                           "train.max_steps=8", "train.checkpoint_every=0", "train.cpu=true"],
+                          capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all 2 ranks hold the same weights" in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_a_launch_whose_processes_do_not_join_is_refused(tmp_path):
     """accelerate's FSDP config on a machine without GPUs starts two processes that each train

@@ -30,7 +30,7 @@ from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims, edm_loss_w
 from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent, guidance_text_width
 from ..training.ema import EMA
-from ..training.loop import unwrap
+from ..training.loop import frozen, unwrap
 from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
                    dm_sigmas)
 
@@ -305,8 +305,9 @@ class CTMTraining:
             # both terms act on the samples a user's 1-step call makes
             generated = self.one_step_samples(x0, cond)
             if self.gan_active(step):
-                loss_aux = -discriminator_logits(self.teacher, self.discriminator, generated,
-                                                 cond, c.gan_sigma).mean()
+                with frozen(self.discriminator):  # its gradient reaches the student only
+                    loss_aux = -discriminator_logits(self.teacher, self.discriminator,
+                                                     generated, cond, c.gan_sigma).mean()
                 name, aux_weight = "gan", c.gan_weight
             else:
                 sigma = dm_sigmas(n, self.dm_grid).to(device)
@@ -337,7 +338,8 @@ class CTMTraining:
             return None, {}
         if self.dm_active(step):
             sigma = dm_sigmas(self.generated.shape[0], self.dm_grid).to(self.generated.device)
-            loss = denoising_loss(self.fake_score.denoiser, self.generated, sigma,
+            # through the loop's (data-parallel) wrapper: every rank's samples train it
+            loss = denoising_loss(self.auxiliary[0], self.generated, sigma,
                                   self.generated_cond, sigma_data=self.teacher.sigma_data)
             return loss, {"fake_dsm": loss.detach()}
         discriminator = self.auxiliary[0]  # as the loop prepared it (DDP-wrapped on GPUs)

@@ -5,7 +5,7 @@ the Karras grid between 2 % and 98 % of its range:
 
   p_real = x - D^omega_teacher(x_sigma, sigma, c),   p_fake = x - mu_fake(x_sigma, sigma, c)
   grad   = (p_real - p_fake) / mean|p_real|           (mean per sample)
-  L_DM   = 0.5 ||x - sg(x - grad)||^2                 (its gradient in x is grad)
+  L_DM   = 0.5 ||x - sg(x - grad)||^2                 (its gradient in x: grad, averaged)
 
 mu_fake starts as the teacher and learns the generator's distribution by denoising sg(x) every
 iteration; the generator steps every ``gen_update_ratio`` iterations (two time-scale rule). A
@@ -30,7 +30,7 @@ from ..diffusion import (SIGMA_DATA, Denoiser, append_dims, append_zero,
 from ..models.discriminator import FeatureDiscriminator
 from ..models.msd import one_step
 from ..models.networks import MLPNet
-from ..training.loop import unwrap
+from ..training.loop import frozen, unwrap
 
 DM_GRID_POINTS = 1000
 
@@ -63,12 +63,21 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, co
                    target: Denoiser | None = None, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
     """lambda(sigma) ||D(x0 + sigma eps) - y||^2 with y = x0 (the fake score's DSM on generated
     samples) or y = target(x_sigma) (TSM: a student learns the teacher's denoiser)."""
-    x = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+    x = noised(x0, sigma)
     y = x0
     if target is not None:
         with torch.no_grad(), full_precision(x.device):
             y = target(x.float(), sigma, cond)
-    err = ((denoiser(x, sigma, cond) - y) ** 2).flatten(1).mean(1)
+    return weighted_error(denoiser(x, sigma, cond), y, sigma, sigma_data)
+
+
+def noised(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+
+
+def weighted_error(denoised, y, sigma, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """EDM's lambda(sigma)-weighted squared error, averaged."""
+    err = ((denoised - y) ** 2).flatten(1).mean(1)
     return (edm_loss_weight(sigma, sigma_data) * err).mean()
 
 
@@ -91,13 +100,14 @@ class FakeScore(nn.Module):
             out = self.denoiser(x, sigma, cond)
         return out, list(feats)
 
-    def forward(self, x, sigma, cond=None):
-        return self.denoiser(x, sigma, cond)
-
-    def logits(self, x, sigma, cond=None) -> torch.Tensor:
-        """The head's logit for x noised at sigma (gradients reach x, the head and mu_fake)."""
-        x = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-        return self.head(self.bottleneck(x, sigma, cond)[1])
+    def forward(self, x, sigma, cond=None, head: bool = False):
+        """mu_fake(x, sigma, c) of a noised x; with ``head`` also the head's logit of each row
+        (gradients reach x, the head and mu_fake). One forward gives both, so that a
+        data-parallel wrapper sees the fake score's whole update in one call."""
+        if not head:
+            return self.denoiser(x, sigma, cond)
+        out, feats = self.bottleneck(x, sigma, cond)
+        return out, self.head(feats)
 
 
 def narrow_network(network: nn.Module, width: float) -> nn.Module:
@@ -176,19 +186,22 @@ class DMD2Training:
     """One student on its part of the conditioning space: TSM (narrow students), DM with the
     two time-scale rule and the regression term, then the optional adversarial stage."""
 
-    def __init__(self, cfg: Config, teacher: Denoiser, null_cond, pairs: dict, encode=None):
+    def __init__(self, cfg: Config, teacher: Denoiser, pairs: dict, encode=None):
         m = cfg.msd
-        self.cfg, self.null_cond, self.pairs = cfg, null_cond, pairs
+        self.cfg, self.pairs = cfg, pairs
         # data space -> the teacher network's space (a latent teacher's VAE); None: the data
         self.encode = encode or (lambda x: x)
         self.teacher = teacher.eval().requires_grad_(False)
         self.model = narrow_network(teacher.net, m.student_width).requires_grad_(True)
         if m.student_width < 1 and m.student_init == "select":
             select_weights(self.model, teacher.net)
-        example = (pairs["x"][:2], torch.ones(2),
-                   None if pairs["cond"] is None else pairs["cond"][:2])
+        # on the teacher's device: an earlier student's training may have moved it there
+        device = next(teacher.net.parameters()).device
+        example = (pairs["x"][:2].to(device), torch.ones(2, device=device),
+                   None if pairs["cond"] is None else pairs["cond"][:2].to(device))
         fake = FakeScore(copy.deepcopy(teacher.net).requires_grad_(True), teacher,
                          head=m.adversarial, example=example)
+        self.unused_parameters = m.adversarial  # the head sits out the steps before stage 2
         self.auxiliary = (fake, torch.optim.AdamW(fake.parameters(), lr=cfg.train.lr,
                                                   weight_decay=cfg.train.weight_decay))
         self.grid = karras_sigmas(DM_GRID_POINTS, teacher.sigma_min, teacher.sigma_max)
@@ -196,7 +209,9 @@ class DMD2Training:
 
     @property
     def fake(self) -> FakeScore:
-        return unwrap(self.auxiliary[0])
+        """mu_fake as the loop prepared it (data-parallel wrapped): the fake score's own
+        updates go through it; the generator's loss may read it unwrapped."""
+        return self.auxiliary[0]
 
     @property
     def tsm_steps(self) -> int:
@@ -244,8 +259,8 @@ class DMD2Training:
             return None, {}  # the fake score steps alone
         x = self.generate(self.noise(n, device), cond)
         sigma = self.dm_sigmas(n, device)
-        loss_dm, _grad = distribution_matching_loss(x, self.teacher, self.fake.denoiser, sigma,
-                                                    cond, m.guidance)
+        loss_dm, _grad = distribution_matching_loss(x, self.teacher, unwrap(self.fake).denoiser,
+                                                    sigma, cond, m.guidance)
         loss, logs = loss_dm, {"dm": loss_dm.detach()}
         if m.regression_weight > 0:
             idx = torch.randint(len(self.pairs["x"]), (n,))
@@ -257,7 +272,9 @@ class DMD2Training:
             logs["regression"] = loss_reg.detach()
         if stage == "adversarial":
             # the non-saturating generator loss through the head on mu_fake's bottleneck
-            logits = self.fake.logits(x, self.dm_sigmas(n, device), cond)
+            sigma = self.dm_sigmas(n, device)
+            with frozen(unwrap(self.fake)):  # its gradient reaches x only
+                logits = unwrap(self.fake)(noised(x, sigma), sigma, cond, head=True)[1]
             loss_gan = nn.functional.softplus(-logits).mean()
             loss = loss + m.gan_generator_weight * loss_gan
             logs["gan"] = loss_gan.detach()
@@ -276,17 +293,24 @@ class DMD2Training:
             with torch.no_grad():
                 x = self.generate(self.noise(x0.shape[0], x0.device), cond)
         self.generated = None
-        sigma = self.dm_sigmas(x.shape[0], x.device)
-        loss = denoising_loss(fake.denoiser, x, sigma, cond,
-                              sigma_data=self.teacher.sigma_data)
+        n, sigma_data = x.shape[0], self.teacher.sigma_data
+        sigma = self.dm_sigmas(n, x.device)
+        if stage != "adversarial":
+            loss = denoising_loss(fake, x, sigma, cond, sigma_data=sigma_data)
+            return loss, {"fake_dsm": loss.detach()}
+        # the generated samples (the fake score's DSM, the head's "fake") and the real ones
+        # (the head's "real") in one forward
+        sigmas = torch.cat([sigma, self.dm_sigmas(n, x.device)])
+        both = torch.cat([x, self.encode(x0)])
+        denoised, logits = fake(noised(both, sigmas), sigmas, None if cond is None
+                                else torch.cat([cond, cond]), head=True)
+        loss = weighted_error(denoised[:n], x, sigma, sigma_data)
         logs = {"fake_dsm": loss.detach()}
-        if stage == "adversarial":
-            real = fake.logits(self.encode(x0), self.dm_sigmas(x.shape[0], x.device), cond)
-            generated = fake.logits(x, sigma, cond)
-            loss_head = (nn.functional.softplus(-real) + nn.functional.softplus(generated)).mean()
-            loss = loss + self.cfg.msd.gan_head_weight * loss_head
-            logs.update(head=loss_head.detach(), d_real=real.mean().detach(),
-                        d_fake=generated.mean().detach())
+        generated, real = logits[:n], logits[n:]
+        loss_head = (nn.functional.softplus(-real) + nn.functional.softplus(generated)).mean()
+        loss = loss + self.cfg.msd.gan_head_weight * loss_head
+        logs.update(head=loss_head.detach(), d_real=real.mean().detach(),
+                    d_fake=generated.mean().detach())
         return loss, logs
 
     def export(self, network, folder: Path):

@@ -148,7 +148,7 @@ def student_done(part: Config) -> bool:
 
 
 def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: Dataset, cond,
-                  teacher, null_cond, pairs: dict, encode=None) -> Path:
+                  teacher, pairs: dict, encode=None) -> Path:
     from accelerate.utils import set_seed
 
     from ..train import data_loader
@@ -165,7 +165,7 @@ def train_student(cfg: Config, k: int, router: Router, parts: torch.Tensor, ds: 
     rows = (parts == k).nonzero().flatten()
     log.info("student %d of %d: %d training samples", k, router.num_students, len(rows))
     set_seed(part.seed)
-    method = DMD2Training(part, teacher, null_cond, pairs, encode)
+    method = DMD2Training(part, teacher, pairs, encode)
     loader = data_loader(ds.x[rows], None if cond is None else cond[rows],
                          part.train.batch_size, part.seed)
     return train(part, method, loader)
@@ -209,25 +209,53 @@ def assemble(cfg: Config, router: Router, teacher, teacher_pipe) -> Path:
     return final
 
 
-def train_msd(cfg: Config, ds: Dataset, cond, null_cond, teacher_pipe) -> Path:
+def check_partition(saved: Path, router: Router, overwrite: bool):
+    """The parts already trained in this folder (as separate jobs, maybe on other machines)
+    must be the parts this run routes to: a k-means or prompt split that another machine's
+    floating point computed differently is an error, not a silently mismatched student."""
+    if not saved.is_file() or overwrite:
+        return
+    try:
+        previous = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != json.loads(json.dumps(router.state)):
+        raise ConfigError(f"{saved}: this run computes another partition than the one its "
+                          f"students were trained on (msd.partition, msd.num_students, the data "
+                          f"or the teacher changed, or another machine's floating point); use "
+                          f"another output_dir, or train.overwrite=true to start afresh")
+
+
+def train_msd(cfg: Config, ds: Dataset, cond, teacher_pipe) -> Path:
     """Train the students (all, or ``msd.student``) and assemble the pipeline when all are
     there. Returns the pipeline folder, or the part's network folder for a single part."""
+    from accelerate import PartialState
+
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
     teacher = teacher_pipe.denoiser().eval().requires_grad_(False)
     captions = pooled_captions(ds, teacher_pipe) if ds.conditioning == "text" else None
     router = build_router(cfg, ds, teacher, teacher_pipe, captions)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "partition.json").write_text(json.dumps(router.state) + "\n")
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    # several launched processes train each student data-parallel; rank 0 alone writes
+    processes = PartialState(cpu=cfg.train.cpu)
+    check_partition(out / "partition.json", router, cfg.train.overwrite)
+    processes.wait_for_everyone()  # every rank has read partition.json before it is written
+    if processes.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "partition.json").write_text(json.dumps(router.state) + "\n")
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     parts = part_of_each_sample(router, ds, captions)
-    pairs = regression_pairs(cfg, teacher, ds, cond, out)
+    with processes.main_process_first():  # made once, then read from the cache
+        pairs = regression_pairs(cfg, teacher, ds, cond, out)
     todo = range(router.num_students) if cfg.msd.student is None else [cfg.msd.student]
     for k in todo:
         # a latent teacher's students learn in its VAE's latent space (as CTM students do)
-        folder = train_student(cfg, k, router, parts, ds, cond, teacher, null_cond, pairs,
+        folder = train_student(cfg, k, router, parts, ds, cond, teacher, pairs,
                                teacher_pipe.encode)
     if cfg.msd.student is not None:
         return folder
-    return assemble(cfg, router, teacher, teacher_pipe)
+    if processes.is_main_process:
+        assemble(cfg, router, teacher, teacher_pipe)
+    processes.wait_for_everyone()
+    return out / "model"

@@ -74,9 +74,15 @@ class MSDStudents(ModelMixin, ConfigMixin):
                              sigma_max=c.sigma_max)
 
     def forward(self, noise: torch.Tensor, cond=None, student: torch.Tensor | None = None):
-        """One call per sample: each row of ``noise`` (sigma_max z) through its student."""
+        """One call per sample: each row of ``noise`` (sigma_max z) through its student
+        (``student``, or the router's choice for class labels)."""
         if student is None:
-            student = torch.zeros(noise.shape[0], dtype=torch.long, device=noise.device)
+            if self.router.kind == "text":
+                raise ValueError("MSDStudents: text conditions need student= (the router reads "
+                                 "pooled prompt embeddings, cond holds the encoder's token "
+                                 "states); MSDPipeline routes them")
+            student = (self.router(cond) if cond is not None else
+                       torch.zeros(noise.shape[0], dtype=torch.long, device=noise.device))
         out = torch.empty_like(noise)
         for k in student.unique().tolist():
             rows = (student == k).nonzero().flatten()

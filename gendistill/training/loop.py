@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,6 +44,21 @@ def unwrap(module: nn.Module) -> nn.Module:
     """The module itself, where the loop's ``accelerator.prepare`` wrapped it (DDP on several
     processes): a method's own calls reach its attributes and methods."""
     return getattr(module, "module", module)
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """No gradient into ``module``'s weights from the graphs built inside: a generator's loss
+    that reads a discriminator or fake score, whose weights only their own step may update
+    (data-parallel training counts each weight's gradient once per step)."""
+    trained = [p for p in module.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
 
 
 def lr_decay(schedule: str, step: int, max_steps: int) -> float:
@@ -95,10 +110,15 @@ def batches_from(accelerator, loader, step: int):
         epoch, skip = epoch + 1, 0
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, unused_parameters: bool = False) -> Accelerator:
+    """``unused_parameters``: some trained weights sit out some steps (DMD2's adversarial head
+    before stage 2), which data-parallel training must be told."""
     out = Path(cfg.output_dir)
+    handlers = ([DistributedDataParallelKwargs(find_unused_parameters=True)]
+                if unused_parameters else [])
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
-                              log_with="tensorboard", project_dir=str(out),
+                              kwargs_handlers=handlers, log_with="tensorboard",
+                              project_dir=str(out),
                               gradient_accumulation_steps=1,
                               # one scheduler step per update: accelerate's default steps it once
                               # per process, which made the warm-up N x shorter on N processes
@@ -148,7 +168,8 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
-    accelerator = accelerator or make_accelerator(cfg)
+    accelerator = accelerator or make_accelerator(cfg, getattr(method, "unused_parameters",
+                                                                False))
     with run_lock(out, accelerator.is_main_process), TerminationRequest() as terminate:
         return train_locked(cfg, method, loader, accelerator, terminate)
 
@@ -296,7 +317,8 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             raise TrainingError(f"stopped by SIGTERM at step {counter.step}; checkpoint saved, "
                                 f"continue with train.resume=true")
     bar.close()
-    check_ranks_agree(accelerator, accelerator.unwrap_model(model), ema)
+    check_ranks_agree(accelerator, accelerator.unwrap_model(model), ema,
+                      *([] if auxiliary is None else [accelerator.unwrap_model(auxiliary[0])]))
     final = out / "model"
     if accelerator.is_main_process:
         export(method, ema, final)
@@ -304,9 +326,11 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             {"steps": tc.max_steps, "resumed_at": first_step,
              "seconds": round(time.time() - start, 1), "device": str(accelerator.device)}))
         log.info("saved %s", final)
-    # every rank waits for the export before the process group is torn down
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # every rank returns once the model is exported
+    # the trackers end here; the process group stays for what the run does next (MSD's next
+    # student, its assembly) and is torn down by the CLI on its way out
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return final
 
 
