@@ -113,8 +113,8 @@ class CTMConfig:
     dm_start: int = 0              # the step the DM term and its fake score switch on
     s_log_scale: float = 0.25      # the student's s embedding reads s_log_scale * ln(s)
     guidance_embed_scale: float = 1000.0  # the omega embedding reads this * omega (LCM's 1000)
-    guidance_in_text: bool = False  # omega's embedding also added to every text token's states
-                                   # (cross-attention reads it; text students only)
+    guidance_in_text: bool = False  # omega also scales each caption's token states' departure
+                                   # from the empty prompt's (text students only)
     target_inner: str = "ema"      # the u -> s jump of the target: ema (theta-) or online
                                    # (theta without gradient, CTM); z0 maps to sigma_min with ema
     output_weighting: bool = False  # each sample's CTM distance times (c_out / |dg/dF|)^2 at t:

@@ -58,29 +58,40 @@ def test_student_works_for_mlp_and_text_unets():
     assert out.shape == (2, 1, 8, 8)
 
 
-def test_guidance_in_text_reaches_cross_attention_and_starts_as_the_teacher():
-    """guidance_in_text adds omega's embedding to every token's states: zero at the start (the
-    student is its teacher), and once learned, omega moves the output through cross-attention
-    alone (the time-embedding path held at zero). Class-conditional networks refuse it."""
+def test_guidance_in_text_scales_the_captions_departure_from_the_empty_prompt(tmp_path):
+    """guidance_in_text: c_null + (1 + a(omega)) (c - c_null) with a zero at the start (the
+    student is its teacher); once learned, omega moves the output through cross-attention alone
+    (the time-embedding path held at zero), while the empty prompt (the unconditional student)
+    stays the same at every omega. The empty prompt's states are saved with the student.
+    Class-conditional networks refuse it."""
     torch.manual_seed(0)
     text = build_network((1, 8, 8), cross_attention_dim=32, channels=(8, 16))
     teacher = EDMDenoiser(text, 0.5)
-    s = CTMStudent.from_teacher(text, 0.5, 0.002, embed_guidance=True, guidance_in_text=True)
+    null = torch.randn(1, 5, 32)
+    s = CTMStudent.from_teacher(text, 0.5, 0.002, embed_guidance=True, null_text=null)
+    assert s.config.guidance_in_text and s.config.text_tokens == 5
     x, states, t = torch.randn(2, 1, 8, 8), torch.randn(2, 5, 32), torch.full((2,), 1.5)
     with torch.no_grad():
         torch.testing.assert_close(s.denoise(x, t, t, states, torch.tensor([2.0, 4.0])),
                                    teacher(x, t, states), atol=1e-5, rtol=0)
-        torch.nn.init.normal_(s.guidance_text_embedding.linear_2.weight, std=0.1)
+        torch.nn.init.normal_(s.guidance_text_gain.linear_2.weight, std=0.1)
         low, high = (s.denoise(x, t, t, states, torch.full((2,), w)) for w in (2.0, 5.0))
+        empty = null.expand(2, 5, 32)
+        empty_low, empty_high = (s.denoise(x, t, t, empty, torch.full((2,), w))
+                                 for w in (2.0, 5.0))
     assert not s.guidance_embedding.linear_2.weight.any()
     assert (high - low).abs().max() > 1e-3
+    torch.testing.assert_close(empty_low, empty_high, atol=1e-6, rtol=0)
     assert {n.split(".")[0] for n, p in s.named_parameters()
             if any(p is q for q in s.embedding_parameters())} == {
-        "s_embedding", "guidance_embedding", "guidance_text_embedding"}
+        "s_embedding", "guidance_embedding", "guidance_text_gain"}
+    s.save_pretrained(tmp_path / "student")
+    torch.testing.assert_close(CTMStudent.from_pretrained(tmp_path / "student").null_text,
+                               null[0])
     for network, embed_guidance in ((tiny_unet(), True), (text, False)):
         with pytest.raises(ValueError, match="cross-attention on text token states"):
             CTMStudent.from_teacher(network, 0.5, 0.002, embed_guidance=embed_guidance,
-                                    guidance_in_text=True)
+                                    null_text=null)
 
 
 def test_teacher_feature_distance_zero_for_identical_and_differentiable():

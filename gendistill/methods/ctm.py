@@ -192,12 +192,15 @@ class CTMTraining:
                 guidance_text_width(teacher.net, self.distill_guidance)
             except ValueError as error:
                 raise ConfigError(f"ctm.{error} (ctm.guidance_max {c.guidance_max})") from None
+            if null_cond is None:
+                raise ConfigError("ctm.guidance_in_text needs captions: the data has none")
         self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
                                              embed_guidance=self.distill_guidance,
                                              s_log_scale=c.s_log_scale,
                                              guidance_embed_scale=c.guidance_embed_scale,
                                              teacher_scheduler=teacher.scheduler_config,
-                                             guidance_in_text=c.guidance_in_text)
+                                             null_text=null_cond if c.guidance_in_text
+                                             else None)
         self.sigma_max = teacher.sigma_max if c.sigma_max is None else c.sigma_max
         if not teacher.sigma_min < self.sigma_max <= teacher.sigma_max:
             raise ConfigError(f"ctm.sigma_max must be in ({teacher.sigma_min:g}, "

@@ -63,7 +63,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
                  sigma_min: float = SIGMA_MIN, embed_guidance: bool = False,
                  embedding_channels: int = 64, s_log_scale: float = 0.25,
                  guidance_embed_scale: float = 1000.0, teacher_scheduler: dict | None = None,
-                 guidance_in_text: bool = False):
+                 guidance_in_text: bool = False, text_tokens: int = 0):
         super().__init__()
         if network_class not in NETWORK_CLASSES:
             raise ValueError(f"unsupported student network {network_class!r} "
@@ -77,10 +77,12 @@ class CTMStudent(ModelMixin, ConfigMixin):
                                            downscale_freq_shift=0)
             self.guidance_embedding = zero_init_embedding(embedding_channels, dim)
         if guidance_in_text:
-            # omega also shifts every text token's states, so that cross-attention reads it:
-            # the time embedding alone barely moves the sound UNet's output
+            # omega also scales each caption's departure from the empty prompt, channel by
+            # channel, as CFG scales cond - uncond: the time embedding only shifts every
+            # position alike, the same for every caption, and barely moves a text UNet's output
             width = guidance_text_width(self.network, embed_guidance)
-            self.guidance_text_embedding = zero_init_embedding(embedding_channels, width)
+            self.guidance_text_gain = zero_init_embedding(embedding_channels, width)
+            self.register_buffer("null_text", torch.zeros(text_tokens, width))
         self._extra_embedding = None
         # the extra embeddings join the network's own time embedding, wherever it is used
         for module in time_embedding_modules(self.network):
@@ -91,13 +93,18 @@ class CTMStudent(ModelMixin, ConfigMixin):
                      embed_guidance: bool, s_log_scale: float = 0.25,
                      guidance_embed_scale: float = 1000.0,
                      teacher_scheduler: dict | None = None,
-                     guidance_in_text: bool = False) -> "CTMStudent":
-        """A student whose network starts as a copy of the teacher network's weights."""
+                     null_text: torch.Tensor | None = None) -> "CTMStudent":
+        """A student whose network starts as a copy of the teacher network's weights;
+        ``null_text``, the empty prompt's token states, switches ``guidance_in_text`` on."""
+        null_text = None if null_text is None else null_text.reshape(-1, null_text.shape[-1])
         student = cls(type(network).__name__, dict(network.config), sigma_data, sigma_min,
                       embed_guidance, s_log_scale=s_log_scale,
                       guidance_embed_scale=guidance_embed_scale,
-                      teacher_scheduler=teacher_scheduler, guidance_in_text=guidance_in_text)
+                      teacher_scheduler=teacher_scheduler, guidance_in_text=null_text is not None,
+                      text_tokens=0 if null_text is None else null_text.shape[0])
         student.network.load_state_dict(network.state_dict())
+        if null_text is not None:
+            student.null_text.copy_(null_text)
         return student
 
     @cached_property
@@ -120,7 +127,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
         if self.has_guidance:
             yield from self.guidance_embedding.parameters()
         if self.config.guidance_in_text:
-            yield from self.guidance_text_embedding.parameters()
+            yield from self.guidance_text_gain.parameters()
 
     def _add_extra_embedding(self, _module, _inputs, output):
         return output if self._extra_embedding is None else output + self._extra_embedding
@@ -152,8 +159,11 @@ class CTMStudent(ModelMixin, ConfigMixin):
         """g(x_t, t, s): the teacher's denoiser form at noise level t."""
         self._extra_embedding = self.extra_embedding(s, guidance)
         if self.config.guidance_in_text and cond is not None:
-            # token states (B x L x D) plus each sample's omega embedding
-            cond = cond + self.guidance_text_embedding(self.guidance_features(guidance, s))[:, None]
+            # token states (B x L x D): c_null + (1 + a(omega)) (c - c_null); the empty prompt
+            # (the unconditional student) stays as it is at every omega
+            gain = self.guidance_text_gain(self.guidance_features(guidance, s))[:, None]
+            null = self.null_text.to(cond.dtype)
+            cond = null + (1 + gain) * (cond - null)
         try:
             return self.parameterization(x, t, cond)
         finally:
