@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..data.conditioning import drop_conditions
-from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims, edm_loss_weight,
+from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims,
                          full_precision, heun_step, karras_sigmas, sample_half_lognormal,
                          sample_lognormal)
 from ..models.discriminator import FeatureDiscriminator
@@ -32,7 +32,7 @@ from ..models.student import CTMStudent, guidance_text_width
 from ..training.ema import EMA
 from ..training.loop import frozen, unwrap
 from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
-                   dm_sigmas)
+                   dm_sigmas, noised, weighted_error)
 
 
 @dataclass
@@ -170,10 +170,8 @@ def dsm_loss(student, x0, cond=None, sigma_data: float = 0.5, guidance=None,
     as in SoundCTM."""
     sigma = sample_half_lognormal(x0.shape[0], device=x0.device, sigma_min=sigma_min,
                                   sigma_max=sigma_max)
-    x = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
-    denoised = student(x, sigma, sigma, cond, guidance, return_denoised=True)
-    err = ((denoised - x0) ** 2).flatten(1).mean(1)
-    return (edm_loss_weight(sigma, sigma_data) * err).mean()
+    denoised = student(noised(x0, sigma), sigma, sigma, cond, guidance, return_denoised=True)
+    return weighted_error(denoised, x0, sigma, sigma_data)
 
 
 class CTMTraining:
