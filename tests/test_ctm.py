@@ -556,6 +556,54 @@ def test_auxiliary_term_switches_on_at_its_start_and_never_trains_the_teacher(tm
     assert all(v.equal(net.state_dict()[k]) for k, v in teacher_weights.items())
 
 
+def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
+    """ctm.dm_update_ratio = 2 (DMD2's rule, at 2): from dm_start the student steps, and its
+    target network moves, every second iteration only; the fake score learns fresh 1-step
+    samples on every iteration, those where the student sits out included."""
+    from diffusers import EDMEulerScheduler
+
+    from gendistill.config import load_config
+    from gendistill.data import load_dataset
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.pipelines import TeacherPipeline
+    from gendistill.train import data_loader
+    from gendistill.training import train
+
+    teacher = TeacherPipeline(build_network((2,), num_classes=4, width=32, depth=2),
+                              EDMEulerScheduler())
+    cfg = load_config("configs/ctm/toy2d.yaml", [
+        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.dm_weight=1", "ctm.dm_start=2",
+        "ctm.dm_update_ratio=2", "train.max_steps=7", "train.batch_size=16",
+        "train.checkpoint_every=0"])
+    method = CTMTraining(cfg, teacher, torch.tensor(4))
+    student_losses, fake_steps, target_moves = [], [], []
+    real_loss, real_aux, real_update = method.loss, method.auxiliary_loss, method.target.update
+
+    def loss(batch, step):
+        out = real_loss(batch, step)
+        student_losses.append((step, out[0] is not None, "dm" in out[1]))
+        return out
+
+    def auxiliary_loss(batch, step):
+        out = real_aux(batch, step)
+        if out[0] is not None:
+            fake_steps.append(step)
+        return out
+
+    def update(model):
+        target_moves.append(student_losses[-1][0])
+        real_update(model)
+
+    method.loss, method.auxiliary_loss, method.target.update = loss, auxiliary_loss, update
+    ds = load_dataset("toy2d", "train")
+    train(cfg, method, data_loader(ds.x, ds.y, 16, 0))
+    assert student_losses == [(0, True, False), (1, True, False), (2, True, True),
+                              (3, False, False), (4, True, True), (5, False, False),
+                              (6, True, True)]
+    assert fake_steps == [2, 3, 4, 5, 6]
+    assert target_moves == [0, 1, 2, 4, 6]
+
+
 def test_gan_and_dm_terms_together_are_a_config_error():
     from gendistill.config import ConfigError, load_config
 

@@ -247,8 +247,15 @@ class CTMTraining:
     def fake_score(self) -> FakeScore:
         return unwrap(self.auxiliary[0])
 
+    def student_steps(self, step: int) -> bool:
+        """False on the iterations where DMD2's two time-scale rule has the fake score step
+        alone."""
+        return not self.dm_active(step) or (step - self.cfg.ctm.dm_start) \
+            % self.cfg.ctm.dm_update_ratio == 0
+
     def after_step(self, step: int):
-        self.target.update(unwrap(self.model))
+        if self.student_steps(step):
+            self.target.update(unwrap(self.model))
 
     def distance(self, estimate, target, sigma, cond):
         name = self.cfg.ctm.distance
@@ -268,6 +275,10 @@ class CTMTraining:
         grid = self.grid.to(device)
         if cond is not None:
             cond = drop_conditions(cond, self.null_cond, self.cfg.train.cond_dropout)
+        if not self.student_steps(step):  # the fake score learns fresh samples alone
+            with torch.no_grad():
+                self.generated, self.generated_cond = self.one_step_samples(x0, cond), cond
+            return None, {}
         guidance = None
         if self.distill_guidance:
             guidance = torch.empty(n, device=device).uniform_(c.guidance_min, c.guidance_max)
