@@ -1,4 +1,4 @@
-"""The ``gendistill`` command: train, generate, evaluate, train-classifier, demo.
+"""The ``gendistill`` command: train, generate, evaluate, calibrate, train-classifier, bench, demo.
 
 Bad input (unknown config key, wrong type, missing file) prints one line naming it and exits 2;
 a training that cannot go on (non-finite steps, nothing to resume, a locked or foreign
@@ -80,6 +80,17 @@ def seed_list(text: str) -> tuple[int, ...]:
     if len(set(seeds)) < len(seeds) or not all(low <= s <= high for s in seeds):
         raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct, in [{low}, {high}]")
     return seeds
+
+
+def sigma_list(text: str) -> tuple[float, ...]:
+    """``80,20,10`` -> (80.0, 20.0, 10.0): positive, finite noise levels."""
+    try:
+        sigmas = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+    if not all(math.isfinite(s) and s > 0 for s in sigmas):
+        raise argparse.ArgumentTypeError(f"{text!r}: noise levels must be finite and > 0")
+    return sigmas
 
 
 def check_condition_flags(pipe, args):
@@ -234,6 +245,38 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import json
+
+    from .eval.calibrate import DEFAULT_STARTS, calibrate_one_step_sigma, save_calibration
+    from .eval.evaluate import _check_dataset
+    from .pipelines import model_folder
+
+    _check_dataset(args.dataset)
+    check_flag("--num-samples", args.num_samples, 2, 1_000_000)
+    check_flag("--guidance", args.guidance)
+    check_flag("--seed", args.seed)
+    pipe = _load_model(args.model_dir)
+    kwargs = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    report = calibrate_one_step_sigma(pipe, args.dataset, args.starts or DEFAULT_STARTS,
+                                      args.num_samples,
+                                      args.seed, progress=not args.no_progress, **kwargs)
+    for row in report["starts"]:
+        print(f"start sigma {row['sigma']:g}: {report['score_name']} {row['score']:.4g} "
+              f"(train split)")
+    folder = model_folder(args.model_dir)
+    if args.dry_run:
+        print(f"best start: {report['one_step_sigma']:g} (not saved: --dry-run)")
+    else:
+        save_calibration(pipe, folder, report)
+        print(f"one_step_sigma {report['previous_one_step_sigma']} -> "
+              f"{report['one_step_sigma']:g}: wrote {folder / 'scheduler'} and "
+              f"{folder / 'calibration.json'}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def cmd_train_classifier(args) -> int:
     import json
 
@@ -344,6 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--out", required=True, metavar="PATH", help="results .json")
     e.set_defaults(func=cmd_evaluate)
+
+    k = sub.add_parser("calibrate", help="choose where a CTM student's single jump starts",
+                       description="Score a CTM student's 1-step samples from each start "
+                       "(--starts) on the dataset's train split, never the test split that "
+                       "evaluate reports, and write the best start into the folder's scheduler "
+                       "(one_step_sigma) with the sweep in calibration.json.")
+    k.add_argument("model_dir", help="a CTM student folder (or its run's output_dir)")
+    k.add_argument("--dataset", required=True, metavar="NAME",
+                   help="toy2d, digits or synthsounds")
+    k.add_argument("--starts", type=sigma_list, metavar="S,S,...", help="candidate noise levels (default 80,40,20,10,7,5; "
+                   "above the student's sigma_max: its sigma_max)")
+    k.add_argument("--guidance", type=float, metavar="W",
+                   help="CFG scale to calibrate at (default: the pipeline's own)")
+    k.add_argument("--num-samples", type=int, metavar="N",
+                   help="samples per start (default: as evaluate)")
+    k.add_argument("--seed", type=int, default=1000, help="default 1000: evaluations use 0, 1, "
+                   "2, ...")
+    k.add_argument("--dry-run", action="store_true", help="report, do not change the folder")
+    k.add_argument("--out", metavar="PATH", help="also write the sweep to this .json")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.set_defaults(func=cmd_calibrate)
 
     c = sub.add_parser("train-classifier", help="train a domain classifier for the metrics",
                        description="Train the small CNN behind domain FID / FAD and conditional "

@@ -32,7 +32,7 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
               Row("ctm-1-flow", "ctm", "ctm-flow", {"num_inference_steps": 1})],
         num_samples=200, quick_num_samples=200, quick_overrides=["train.max_steps=8",
                                                                  "train.batch_size=32"],
-        timing_batch=16)
+        timing_batch=16, calibrate_guidance=1.0)
     logs = []
     res = run_bench(preset, tmp_path / "out", quick=True, cache_dir=tmp_path / "cache",
                     repeats=2, log=logs.append, seeds=(0, 1), eval_seeds=(0, 1))
@@ -85,11 +85,23 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
     assert "| ctm-1 | 1 → 3 |" in (tmp_path / "out" / "results.md").read_text()
     for name in ("results.md", "samples.png", "score_vs_nfe.png"):
         assert (tmp_path / "out" / name).stat().st_size > 500
-    # a second run reuses both trained models
+    # every CTM student's single-jump start was chosen on the train split and is in its folder
+    for key in ("ctm", "ctm-flow"):
+        for seed, folder in res["seed_models"][key].items():
+            chosen = saved["calibration"][key][seed]
+            scores = {float(s): v for s, v in chosen["scores"].items()}
+            assert chosen["one_step_sigma"] == min(scores, key=scores.get)
+            scheduler = json.loads((Path(folder) / "scheduler" / "scheduler_config.json")
+                                   .read_text())
+            assert scheduler["one_step_sigma"] == chosen["one_step_sigma"]
+    assert "| ctm | 0 | " in (tmp_path / "out" / "results.md").read_text()
+    # a second run reuses both trained models and their calibration
     logs.clear()
-    run_bench(preset, tmp_path / "out2", quick=True, cache_dir=tmp_path / "cache", repeats=1,
-              log=logs.append)
+    again = run_bench(preset, tmp_path / "out2", quick=True, cache_dir=tmp_path / "cache",
+                      repeats=1, log=logs.append)
     assert sum("reusing" in line for line in logs) == 4
+    assert not any("single jump from" in line for line in logs)
+    assert again["calibration"]["ctm"]["0"] == saved["calibration"]["ctm"]["0"]
 
 
 def test_presets_have_the_required_rows():

@@ -439,8 +439,59 @@ def test_cli_evaluate_bad_input_is_one_line_and_exit_2(extra, needle, tmp_path, 
 
 
 def test_help_of_the_new_commands(capsys):
-    for cmd in ("evaluate", "train-classifier"):
+    for cmd in ("evaluate", "calibrate", "train-classifier"):
         with pytest.raises(SystemExit) as exit_info:
             main([cmd, "--help"])
         assert exit_info.value.code == 0
         assert f"usage: gendistill {cmd}" in capsys.readouterr().out
+
+
+def test_calibrate_chooses_the_start_on_the_train_split_and_saves_it(tmp_path, monkeypatch,
+                                                                     capsys):
+    """``gendistill calibrate`` on the shipped digits student: from sigma_max its single jump
+    loses variety (train-split domain FID about twice that from 10), so of the starts 80 and 10
+    it keeps 10, writes it into the folder's scheduler with the sweep beside it, and never
+    loads the test split. --dry-run changes nothing; a teacher is refused in one line."""
+    import shutil
+
+    import gendistill.data as data
+    from gendistill.assets import ASSETS
+    from gendistill.pipelines import load_pipeline
+
+    folder = tmp_path / "student"
+    shutil.copytree(ASSETS / "students" / "digits", folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    splits = []
+    real_load = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset",
+                        lambda name, split, **kw: splits.append(split) or real_load(name, split,
+                                                                                     **kw))
+    args = ["calibrate", str(folder), "--dataset", "digits", "--starts", "80,10", "--guidance",
+            "1", "--num-samples", "300", "--no-progress"]
+    before = config.read_text()
+    assert main([*args, "--dry-run"]) == 0
+    assert config.read_text() == before and not (folder / "calibration.json").exists()
+    # the student's own default is 10: start it from 80 so that the choice shows
+    pipe = load_pipeline(folder)
+    pipe.scheduler.register_to_config(one_step_sigma=80.0)
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    assert main(args) == 0
+    report = json.loads((folder / "calibration.json").read_text())
+    scores = {row["sigma"]: row["score"] for row in report["starts"]}
+    assert scores[80.0] > 1.5 * scores[10.0]
+    assert report["one_step_sigma"] == 10.0 and report["previous_one_step_sigma"] == 80.0
+    assert load_pipeline(folder).scheduler.config.one_step_sigma == 10.0
+    assert set(splits) == {"train"}
+    assert "one_step_sigma 80.0 -> 10" in capsys.readouterr().out
+    assert main(["calibrate", str(ASSETS / "teachers" / "digits"), "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "calibration chooses a CTM student's start" in err and len(err.splitlines()) == 1
+
+
+def test_calibration_starts_stay_inside_the_students_range():
+    from gendistill.eval.calibrate import candidate_starts
+    from gendistill.pipelines import CTMScheduler
+
+    assert candidate_starts(CTMScheduler(sigma_max=10.0), (80, 20, 10, 5, 0.001)) == [10.0, 5.0]
+    with pytest.raises(ValueError, match=r"no start in the student's range \(0.002, 80\]"):
+        candidate_starts(CTMScheduler(), (0.001,))

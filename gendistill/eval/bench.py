@@ -58,6 +58,8 @@ class Preset:
     other_teachers: dict[str, str] = field(default_factory=dict)  # name -> teacher config:
                                     # teachers of other parameterisations, each a row source
     eval_seeds: tuple[int, ...] = (0,)  # every row is evaluated from each
+    calibrate_guidance: float | None = None  # set: every CTM student's single-jump start is
+                                    # chosen on the train split at this omega (eval.calibrate)
 
     def reference(self, row: Row) -> str:
         """The teacher a row is read against: itself for a teacher, else its student's."""
@@ -229,7 +231,8 @@ PRESETS = {
             Row("ctm-1-w3", "ctm", "ctm", {"num_inference_steps": 1, "guidance_scale": 3.0})]
         + _any_teacher_rows(ANY_TEACHER),
         num_samples=1000, quick_num_samples=300, eval_seeds=(0, 1, 2),
-        quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
+        quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64,
+        calibrate_guidance=1.0),
     # Why the 1-step toy2d student blurred (issue 7): one change per row against the old
     # recipe (lr 2e-4, DSM weight 1) and the new default (lr 1e-3, DSM weight 0.1), 1000 steps
     # each, 1 step at sampling.
@@ -255,7 +258,8 @@ PRESETS = {
                {"num_inference_steps": 1, "guidance_scale": 3.0}) for name in DIGITS_ABLATION],
         eval_seeds=(0, 1, 2),
         num_samples=1000, quick_num_samples=300,
-        quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64),
+        quick_overrides=["train.max_steps=120", "ctm.num_grid=10"], timing_batch=64,
+        calibrate_guidance=1.0),
     # Multi-student distillation (issue 8): every student gets the config's steps and batch;
     # the narrow students spend the first steps on TSM, the adversarial ones the last quarter
     # on stage 2.
@@ -360,6 +364,28 @@ def teacher_folder(name: str, config: str, extra: list[str], cache_dir: Path, lo
         log(f"{name}: shipped {shipped}")
         return shipped
     return train_cached(name, config, extra, cache_dir, log)
+
+
+def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: int,
+                     log) -> dict:
+    """A CTM student's single-jump start, chosen on the train split once per model folder
+    (its calibration.json) and written into its scheduler."""
+    from ..pipelines import load_pipeline
+    from .calibrate import calibrate_one_step_sigma, save_calibration
+
+    saved = folder / "calibration.json"
+    if not saved.is_file():
+        pipe = load_pipeline(folder)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            report = calibrate_one_step_sigma(pipe, dataset, num_samples=num_samples,
+                                              progress=False, guidance_scale=guidance)
+        save_calibration(pipe, folder, report)
+        log(f"{folder}: single jump from sigma {report['one_step_sigma']:g} (train split, "
+            f"omega {guidance:g})")
+    report = json.loads(saved.read_text())
+    return {"one_step_sigma": report["one_step_sigma"],
+            "scores": {f"{row['sigma']:g}": round(row["score"], 5) for row in report["starts"]}}
 
 
 def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> tuple[float, float]:
@@ -560,7 +586,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
     folders = {name: teacher_folder(name, config, extra, cache_dir, log)
                for name, config in teachers.items()}
     runs = {name: {None: folder} for name, folder in folders.items()}  # source -> seed -> model
-    train_seconds = {}
+    train_seconds, calibration = {}, {}
     for key, student in preset.students.items():
         runs[key] = {seed: train_cached(key, student.config,
                                         student.overrides + extra
@@ -568,6 +594,11 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
                                         cache_dir, log)
                      for seed in seeds or (student.seeds[:1] if quick else student.seeds)}
         folders[key] = next(iter(runs[key].values()))
+        if preset.calibrate_guidance is not None and student.config.startswith("configs/ctm/"):
+            num = preset.quick_num_samples if quick else preset.num_samples
+            calibration[key] = {seed: calibrate_cached(folder, preset.dataset,
+                                                       preset.calibrate_guidance, num, log)
+                                for seed, folder in runs[key].items()}
         timing = folders[key].parent / "train_time.json"
         if timing.is_file():
             train_seconds[key] = json.loads(timing.read_text())["seconds"]
@@ -645,6 +676,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         "seed_models": {k: {str(seed): str(f) for seed, f in r.items()}
                         for k, r in runs.items() if len(r) > 1},
         "rows": rows, "guidance_response": responses,
+        "calibration": {k: {str(seed): c for seed, c in by_seed.items()}
+                        for k, by_seed in calibration.items()},
         "seconds": round(time.time() - start, 1),
     }
     if test.kind == "audio":
@@ -765,6 +798,16 @@ def results_markdown(results: dict) -> str:
         lines += [f"| {g['row']} | {g['omega'][0]:g} → {g['omega'][1]:g} | {g['rms']:.4g} | "
                   f"{g['teacher_rms']:.4g} | {g['ratio']:.3g} |"
                   for g in results["guidance_response"]]
+    if results.get("calibration"):
+        lines += ["", f"Where each CTM student's single jump starts: chosen on the train split "
+                  f"(its {score_name} from each start, a seed the rows do not use; "
+                  f"`gendistill calibrate`), so the test split above stays unseen:", "",
+                  "| student | training seed | start σ | train-split score from each start |",
+                  "| --- | ---: | ---: | --- |"]
+        lines += [f"| {k} | {seed} | {c['one_step_sigma']:g} | "
+                  + ", ".join(f"{sigma}: {v:.3g}" for sigma, v in c["scores"].items()) + " |"
+                  for k, by_seed in results["calibration"].items()
+                  for seed, c in by_seed.items()]
     floor = rows[0].get("score_floor")
     if floor is not None:
         lines += ["", f"Reference: {score_name} of real data against real data = {floor:.4g}."]

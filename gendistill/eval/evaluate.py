@@ -122,11 +122,15 @@ def _score_floor(dataset_name: str) -> float:
 
 def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, seed: int = 0,
                       *, batch_size: int = 256, inception_weights=None, vggish_weights=None,
-                      clap_model=None, progress: bool = True, **call_kwargs) -> dict:
+                      clap_model=None, progress: bool = True, split: str = "test",
+                      **call_kwargs) -> dict:
     """Generate ``num_samples`` samples spread evenly over the dataset's conditions (default per
     dataset: toy2d 2000, digits 1000, synthsounds 384) and score them. ``call_kwargs`` go to the
     pipeline (``num_inference_steps``, ``guidance_scale``, ...). Returns a JSON-ready dict with
-    ``dataset, pipeline, nfe, score_name, score, cond_acc`` and the other metrics."""
+    ``dataset, pipeline, nfe, score_name, score, cond_acc`` and the other metrics.
+    ``split="train"`` takes the conditions and the reference from the train split instead: a
+    validation score for choosing a sampling setting (``eval.calibrate``), without the score
+    floor and the modulation depths."""
     from ..data import load_dataset
 
     _check_dataset(dataset_name)
@@ -150,9 +154,11 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
 
         inception_fid_metric(inception_weights)  # checks the file and torch-fidelity
 
-    test = load_dataset(dataset_name, "test")
-    _check_compatible(pipe, test)
-    conditions = _balanced_conditions(test, n)
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be test or train, got {split!r}")
+    real = load_dataset(dataset_name, split)  # the reference: the test split unless validating
+    _check_compatible(pipe, real)
+    conditions = _balanced_conditions(real, n)
     x, nfe, calls, seconds = generate_for_conditions(pipe, conditions, seed, batch_size,
                                                      progress, **call_kwargs)
     bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
@@ -169,9 +175,9 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
     if dataset_name == "toy2d":
         labels = torch.tensor(conditions)
         g = torch.Generator().manual_seed(seed + REFERENCE_SEED_OFFSET)
-        reference = test.sample_true(labels, g)
-        scores = score_2d(x, labels, reference, labels, test.class_names, seed=seed)
-        floor = score_2d(test.sample_true(labels, g), labels, reference, labels, seed=seed)
+        reference = real.sample_true(labels, g)
+        scores = score_2d(x, labels, reference, labels, real.class_names, seed=seed)
+        floor = score_2d(real.sample_true(labels, g), labels, reference, labels, seed=seed)
         result.update(score=scores["MMD"], SW2=scores["SW2"], per_class=scores["per_class"],
                       **{key: scores[key] for key in ("precision", "recall", "density",
                                                       "coverage")},
@@ -183,31 +189,31 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
                                               "classes", "mmd_bandwidth": DEFAULT_BANDWIDTH,
                                        "knn_k": DEFAULT_K, "knn": "mean over classes"})
     elif dataset_name == "digits":
-        result.update(score=domain_fid(test.x, x, "digits"),
+        result.update(score=domain_fid(real.x, x, "digits"),
                       cond_acc=conditional_accuracy(x, torch.tensor(conditions), "digits"),
-                      score_floor=_score_floor("digits"),
-                      **domain_precision_recall(test.x, x, "digits"),
-                      reference=f"digits test split ({len(test)} images)")
+                      score_floor=_score_floor("digits") if split == "test" else None,
+                      **domain_precision_recall(real.x, x, "digits"),
+                      reference=f"digits {split} split ({len(real)} images)")
         if inception_weights is not None:
-            result["FID"] = inception_fid(test.x, x, inception_weights)
+            result["FID"] = inception_fid(real.x, x, inception_weights)
     else:
-        result.update(score=fad(test.x, x, _domain_embedding()),
+        result.update(score=fad(real.x, x, _domain_embedding()),
                       cond_acc=conditional_accuracy(x, caption_families(conditions),
                                                     "synthsounds"),
-                      score_floor=_score_floor("synthsounds"),
-                      **domain_precision_recall(test.x, x, "synthsounds"),
-                      **modulation_depths(test.x, test.family, x,
-                                          caption_families(conditions), _vocoder(pipe, test),
-                                          test.class_names, MODULATED),
-                      reference=f"synthsounds test split ({len(test)} log-mels)")
+                      score_floor=_score_floor("synthsounds") if split == "test" else None,
+                      **domain_precision_recall(real.x, x, "synthsounds"),
+                      reference=f"synthsounds {split} split ({len(real)} log-mels)")
+        if split == "test":  # vocodes every real clip: not needed for a validation score
+            result.update(modulation_depths(real.x, real.family, x, caption_families(conditions),
+                                            _vocoder(pipe, real), real.class_names, MODULATED))
         if extra_embeddings:
-            vocoder = _vocoder(pipe, test)
+            vocoder = _vocoder(pipe, real)
             rate = vocoder.config.sample_rate
-            real_waves, fake_waves = vocoder(test.x), vocoder(x)
+            real_waves, fake_waves = vocoder(real.x), vocoder(x)
             for key, emb in extra_embeddings.items():
                 result[key] = fad_from_embeddings(emb(real_waves, rate, progress),
                                                   emb(fake_waves, rate, progress))
-            result["fad_reference"] = "test split and samples, both through the vocoder"
+            result["fad_reference"] = f"{split} split and samples, both through the vocoder"
     result.update(seconds=round(seconds, 3), ms_per_sample=round(1000 * seconds / len(x), 3))
     return result
 

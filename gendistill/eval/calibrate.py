@@ -1,0 +1,70 @@
+"""Where a CTM student's single jump starts, chosen on validation data.
+
+A student's 1-step quality depends on the noise level its jump starts from (README, "Where the
+single jump starts"). The scheduler's default, sigma = 10, is one value for every student; a
+student whose teacher was barely trained above sigma = 5 (the digits DiT) jumps better from
+lower. ``calibrate_one_step_sigma`` scores the single jump from each candidate start on the
+dataset's train split (its conditions and its real samples as the reference, from a seed the
+evaluations do not use), so the start is chosen without looking at the test split that
+``evaluate`` and the bench report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .evaluate import evaluate_pipeline
+
+DEFAULT_STARTS = (80.0, 40.0, 20.0, 10.0, 7.0, 5.0)
+CALIBRATION_SEED = 1000  # evaluations use seeds 0, 1, 2, ...
+
+
+def candidate_starts(scheduler, starts=DEFAULT_STARTS) -> list[float]:
+    """The starts inside the student's range (sigma_min, sigma_max], a start above it taken as
+    sigma_max, largest first."""
+    cfg = scheduler.config
+    kept = sorted({min(float(s), cfg.sigma_max) for s in starts if s > cfg.sigma_min},
+                  reverse=True)
+    if not kept:
+        raise ValueError(f"no start in the student's range ({cfg.sigma_min:g}, "
+                         f"{cfg.sigma_max:g}]: {', '.join(f'{s:g}' for s in starts)}")
+    return kept
+
+
+def calibrate_one_step_sigma(pipe, dataset_name: str, starts=DEFAULT_STARTS,
+                             num_samples: int | None = None, seed: int = CALIBRATION_SEED,
+                             progress: bool = True, **call_kwargs) -> dict:
+    """Score one jump from each start on the train split; return the sweep and the best start
+    (lowest score) as ``one_step_sigma``. ``call_kwargs`` go to the pipeline (guidance_scale)."""
+    from tqdm.auto import tqdm
+
+    from ..pipelines import CTMScheduler
+
+    if not isinstance(pipe.scheduler, CTMScheduler):
+        raise ValueError(f"calibration chooses a CTM student's start; this is a "
+                         f"{type(pipe).__name__} with a {type(pipe.scheduler).__name__}")
+    sigma_min = pipe.scheduler.config.sigma_min
+    sweep = []
+    for start in tqdm(candidate_starts(pipe.scheduler, starts), desc="starts",
+                      disable=not progress):
+        result = evaluate_pipeline(pipe, dataset_name, num_samples, seed, split="train",
+                                   progress=False, sigmas=[start, sigma_min], **call_kwargs)
+        sweep.append({"sigma": start, "score": result["score"],
+                      "precision": result.get("precision"), "recall": result.get("recall")})
+    best = min(sweep, key=lambda row: row["score"])
+    return {"dataset": dataset_name, "split": "train", "seed": seed,
+            "num_samples": result["num_samples"], "score_name": result["score_name"],
+            "call_kwargs": call_kwargs, "starts": sweep,
+            "previous_one_step_sigma": pipe.scheduler.config.one_step_sigma,
+            "one_step_sigma": best["sigma"]}
+
+
+def save_calibration(pipe, folder, report: dict) -> None:
+    """Write the chosen start into the folder's scheduler and the sweep beside it."""
+    from ..pipelines import CTMScheduler
+
+    folder = Path(folder)
+    pipe.scheduler = CTMScheduler.from_config(pipe.scheduler.config,
+                                              one_step_sigma=report["one_step_sigma"])
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    (folder / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
