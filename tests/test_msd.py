@@ -114,6 +114,27 @@ def test_regression_pairs_come_from_the_same_noise_and_condition(tmp_path):
     assert len(calls) == 2
 
 
+def test_regression_pairs_are_made_again_for_another_teacher_at_the_same_path(tmp_path):
+    """The pairs cache is keyed by the teacher's weights, not its path: a teacher retrained into
+    the same folder does not reuse the old teacher's ODE endpoints."""
+    from gendistill.config import load_config
+    from gendistill.data import load_dataset
+    from gendistill.methods.msd import regression_pairs
+
+    cfg = load_config("configs/msd/toy2d.yaml", ["msd.num_pairs=8", "msd.pair_steps=3",
+                                                 "teacher=runs/the-same-folder"])
+    ds = load_dataset("toy2d", "train")
+    teacher = toy_teacher()
+    first = regression_pairs(cfg, teacher, ds, None, tmp_path)
+    assert regression_pairs(cfg, teacher, ds, None, tmp_path)["x"].equal(first["x"])
+    with torch.no_grad():
+        next(teacher.net.parameters()).add_(0.5)  # retrained: other weights, same path
+    again = regression_pairs(cfg, teacher, ds, None, tmp_path)
+    assert not again["x"].equal(first["x"])
+    assert again["x"].equal(teacher_pairs(teacher, again["cond"], (2,), cfg.msd.guidance,
+                                          cfg.msd.pair_steps, cfg.seed, 256)["x"])
+
+
 def toy_teacher(classes=4):
     torch.manual_seed(0)
     return EDMDenoiser(MLPNet(in_dim=2, width=32, depth=2, num_class_embeds=classes + 1),

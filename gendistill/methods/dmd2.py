@@ -16,6 +16,7 @@ from the whole conditioning space). Stage 2 adds a classifier head on mu_fake's 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -164,6 +165,17 @@ def teacher_pairs(teacher: Denoiser, conds: torch.Tensor | None, shape: tuple, g
             c = None if conds is None else conds[i:i + batch_size]
             out.append(sample_heun(teacher, noise[i:i + batch_size], sigmas, c, guidance, bar))
     return {"noise": noise, "cond": conds, "x": torch.cat(out)}
+
+
+def network_fingerprint(net: nn.Module) -> str:
+    """A hash of a network's weights: a cache made from one teacher is not reused for another
+    saved at the same path."""
+    digest = hashlib.sha256()
+    for name, value in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                      .tobytes())
+    return digest.hexdigest()[:16]
 
 
 def cached_pairs(path: Path, key: dict, make) -> dict:
