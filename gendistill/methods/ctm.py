@@ -189,7 +189,8 @@ class CTMTraining:
             try:  # a user's config error, before anything is built
                 guidance_text_width(teacher.net, self.distill_guidance)
             except ValueError as error:
-                raise ConfigError(f"ctm.{error} (ctm.guidance_max {c.guidance_max})") from None
+                raise ConfigError(f"ctm.{error} (ctm.guidance_max {c.guidance_max}); set "
+                                  f"ctm.guidance_in_text=false") from None
             if null_cond is None:
                 raise ConfigError("ctm.guidance_in_text needs captions: the data has none")
         self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
