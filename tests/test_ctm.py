@@ -574,7 +574,7 @@ def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
     cfg = load_config("configs/ctm/toy2d.yaml", [
         f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.dm_weight=1", "ctm.dm_start=2",
         "ctm.dm_update_ratio=2", "train.max_steps=7", "train.batch_size=16",
-        "train.checkpoint_every=0"])
+        "train.checkpoint_every=0", "train.log_every=2"])
     method = CTMTraining(cfg, teacher, torch.tensor(4))
     student_losses, fake_steps, target_moves = [], [], []
     real_loss, real_aux, real_update = method.loss, method.auxiliary_loss, method.target.update
@@ -602,6 +602,14 @@ def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
                               (6, True, True)]
     assert fake_steps == [2, 3, 4, 5, 6]
     assert target_moves == [0, 1, 2, 4, 6]
+    # every second iteration is logged, here always one where the student sat out: the log
+    # still carries the student's newest DM loss and weight, not only the fake score's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("dm_weight")] == [4, 6, 7]
+    assert [e.step for e in events.Scalars("fake_dsm")] == [4, 6, 7]
 
 
 def test_gan_and_dm_terms_together_are_a_config_error():

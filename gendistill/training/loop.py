@@ -253,6 +253,9 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     start = time.time()
     nonfinite_in_a_row, nonfinite_total = 0, 0
     loss = grad_norm = torch.tensor(float("nan"))  # logged values until the model first steps
+    # the newest value of every logged quantity: under the two time-scale rule the logged
+    # iteration can be one where only the auxiliary network stepped
+    latest = {}
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
     while counter.step < tc.max_steps:
         model.train()
@@ -291,6 +294,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
                     f"checkpoint: {latest_checkpoint(out) or 'none'})")
             continue
         nonfinite_in_a_row = 0
+        latest.update(logs)
         for _loss, module, player_optimizer, player_scheduler in players:
             player_optimizer.step()
             if player_scheduler is not None:
@@ -302,7 +306,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
         counter.step += 1
         bar.update(1)
         if counter.step % tc.log_every == 0 or counter.step == tc.max_steps:
-            logs = {"loss": loss.item(), **{k: float(v) for k, v in logs.items()},
+            logs = {"loss": loss.item(), **{k: float(v) for k, v in latest.items()},
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             accelerator.log(logs, step=counter.step)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
