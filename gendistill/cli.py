@@ -259,21 +259,27 @@ def cmd_calibrate(args) -> int:
     pipe = _load_model(args.model_dir)
     kwargs = {} if args.guidance is None else {"guidance_scale": args.guidance}
     report = calibrate_one_step_sigma(pipe, args.dataset, args.starts or DEFAULT_STARTS,
-                                      args.num_samples,
-                                      args.seed, progress=not args.no_progress, **kwargs)
+                                      args.num_samples, args.seed,
+                                      progress=not args.no_progress, **kwargs)
     for row in report["starts"]:
         print(f"start sigma {row['sigma']:g}: {report['score_name']} {row['score']:.4g} "
               f"(train split)")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
     folder = model_folder(args.model_dir)
     if args.dry_run:
         print(f"best start: {report['one_step_sigma']:g} (not saved: --dry-run)")
-    else:
+        return 0
+    try:
         save_calibration(pipe, folder, report)
-        print(f"one_step_sigma {report['previous_one_step_sigma']} -> "
-              f"{report['one_step_sigma']:g}: wrote {folder / 'scheduler'} and "
-              f"{folder / 'calibration.json'}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as error:  # e.g. a read-only installed package
+        raise UsageError(f"cannot write the calibration into {folder}: {error}") from None
+    previous = report["previous_one_step_sigma"]
+    print(f"one_step_sigma {'sigma_max' if previous is None else f'{previous:g}'} -> "
+          f"{report['one_step_sigma']:g}: wrote {folder / 'scheduler'} and "
+          f"{folder / 'calibration.json'}")
     return 0
 
 

@@ -111,8 +111,8 @@ class CTMConfig:
     dm_weight: float = 0.0         # DMD's distribution-matching term on the 1-step samples
                                    # (adaptive weight, as the GAN's); 0 = off
     dm_start: int = 0              # the step the DM term and its fake score switch on
-    dm_update_ratio: int = 1       # from dm_start the student steps every N iterations, the fake
-                                   # score every one (DMD2's two time-scale rule: 5)
+    gen_update_ratio: int = 1      # with the DM term: from dm_start the student steps every N
+                                   # iterations, the fake score every one (DMD2's rule: 5)
     s_log_scale: float = 0.25      # the student's s embedding reads s_log_scale * ln(s)
     guidance_embed_scale: float = 1000.0  # the omega embedding reads this * omega (LCM's 1000)
     guidance_in_text: bool = False  # omega also scales each caption's token states' departure
@@ -277,7 +277,7 @@ RANGES = {
     "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),
     "ctm.gan_sigma": (0, INF, True),
     "ctm.dm_weight": (0, INF, False), "ctm.dm_start": (0, INF, False),
-    "ctm.dm_update_ratio": (1, 1000, False),
+    "ctm.gen_update_ratio": (1, 1000, False),
     "ctm.s_log_scale": (0, 1e4, True), "ctm.guidance_embed_scale": (0, 1e4, True),
     "ctm.embedding_lr_scale": (0, 1e4, True),
     "msd.num_students": (1, 4096, False), "msd.student": (0, 4095, False),
@@ -328,6 +328,9 @@ def validate(cfg: Config) -> Config:
     if c.gan_weight > 0 and c.dm_weight > 0:
         raise ConfigError("ctm.gan_weight and ctm.dm_weight: use one of the two terms (each "
                           "trains its own auxiliary network)")
+    if c.gen_update_ratio > 1 and c.dm_weight == 0:
+        raise ConfigError(f"ctm.gen_update_ratio ({c.gen_update_ratio}) paces the student "
+                          f"against the DM term's fake score: set ctm.dm_weight > 0 too")
     if c.guidance_max < c.guidance_min:
         raise ConfigError(f"ctm.guidance_max ({c.guidance_max}) is below ctm.guidance_min "
                           f"({c.guidance_min})")

@@ -557,7 +557,7 @@ def test_auxiliary_term_switches_on_at_its_start_and_never_trains_the_teacher(tm
 
 
 def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
-    """ctm.dm_update_ratio = 2 (DMD2's rule, at 2): from dm_start the student steps, and its
+    """ctm.gen_update_ratio = 2 (DMD2's rule, at 2): from dm_start the student steps, and its
     target network moves, every second iteration only; the fake score learns fresh 1-step
     samples on every iteration, those where the student sits out included."""
     from diffusers import EDMEulerScheduler
@@ -573,7 +573,7 @@ def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
                               EDMEulerScheduler())
     cfg = load_config("configs/ctm/toy2d.yaml", [
         f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.dm_weight=1", "ctm.dm_start=2",
-        "ctm.dm_update_ratio=2", "train.max_steps=7", "train.batch_size=16",
+        "ctm.gen_update_ratio=2", "train.max_steps=7", "train.batch_size=16",
         "train.checkpoint_every=0", "train.log_every=2"])
     method = CTMTraining(cfg, teacher, torch.tensor(4))
     student_losses, fake_steps, target_moves = [], [], []
@@ -617,6 +617,8 @@ def test_gan_and_dm_terms_together_are_a_config_error():
 
     with pytest.raises(ConfigError, match="ctm.gan_weight and ctm.dm_weight"):
         load_config("configs/ctm/toy2d.yaml", ["ctm.gan_weight=1", "ctm.dm_weight=1"])
+    with pytest.raises(ConfigError, match="ctm.gen_update_ratio .5. paces the student"):
+        load_config("configs/ctm/toy2d.yaml", ["ctm.gen_update_ratio=5"])
 
 
 def test_the_discriminator_learns_to_tell_shrunk_samples_from_real():

@@ -482,7 +482,7 @@ def test_calibrate_chooses_the_start_on_the_train_split_and_saves_it(tmp_path, m
     assert report["one_step_sigma"] == 10.0 and report["previous_one_step_sigma"] == 80.0
     assert load_pipeline(folder).scheduler.config.one_step_sigma == 10.0
     assert set(splits) == {"train"}
-    assert "one_step_sigma 80.0 -> 10" in capsys.readouterr().out
+    assert "one_step_sigma 80 -> 10" in capsys.readouterr().out
     assert main(["calibrate", str(ASSETS / "teachers" / "digits"), "--dataset", "digits"]) == 2
     err = capsys.readouterr().err.strip()
     assert "calibration chooses a CTM student's start" in err and len(err.splitlines()) == 1
@@ -495,3 +495,23 @@ def test_calibration_starts_stay_inside_the_students_range():
     assert candidate_starts(CTMScheduler(sigma_max=10.0), (80, 20, 10, 5, 0.001)) == [10.0, 5.0]
     with pytest.raises(ValueError, match=r"no start in the student's range \(0.002, 80\]"):
         candidate_starts(CTMScheduler(), (0.001,))
+
+
+def test_the_bench_calibrates_a_student_again_only_when_the_setting_changed(tmp_path):
+    """calibrate_cached keeps a folder's calibration for the same dataset, omega and sample
+    count, and chooses again when the omega it is asked for differs from the saved one."""
+    import shutil
+
+    from gendistill.assets import ASSETS
+    from gendistill.eval.bench import calibrate_cached
+
+    folder = tmp_path / "student"
+    shutil.copytree(ASSETS / "students" / "digits", folder)
+    logs = []
+    first = calibrate_cached(folder, "digits", 1.0, 100, logs.append)
+    assert len(logs) == 1 and set(first["scores"]) == {"80", "40", "20", "10", "7", "5"}
+    assert calibrate_cached(folder, "digits", 1.0, 100, logs.append) == first and len(logs) == 1
+    calibrate_cached(folder, "digits", 3.0, 100, logs.append)
+    assert len(logs) == 2 and "omega 3" in logs[1]
+    saved = json.loads((folder / "calibration.json").read_text())
+    assert saved["call_kwargs"] == {"guidance_scale": 3.0}

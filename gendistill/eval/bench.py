@@ -366,15 +366,23 @@ def teacher_folder(name: str, config: str, extra: list[str], cache_dir: Path, lo
     return train_cached(name, config, extra, cache_dir, log)
 
 
+def is_ctm_student(folder: Path) -> bool:
+    index = json.loads((folder / "model_index.json").read_text())
+    return index.get("scheduler", [None, None])[1] == "CTMScheduler"
+
+
 def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: int,
                      log) -> dict:
-    """A CTM student's single-jump start, chosen on the train split once per model folder
-    (its calibration.json) and written into its scheduler."""
+    """A CTM student's single-jump start, chosen on the train split once per model folder and
+    setting (its calibration.json) and written into its scheduler."""
     from ..pipelines import load_pipeline
     from .calibrate import calibrate_one_step_sigma, save_calibration
 
     saved = folder / "calibration.json"
-    if not saved.is_file():
+    wanted = {"dataset": dataset, "call_kwargs": {"guidance_scale": guidance},
+              "num_samples": num_samples}
+    report = json.loads(saved.read_text()) if saved.is_file() else {}
+    if any(report.get(key) != value for key, value in wanted.items()):
         pipe = load_pipeline(folder)
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
@@ -383,7 +391,6 @@ def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: i
         save_calibration(pipe, folder, report)
         log(f"{folder}: single jump from sigma {report['one_step_sigma']:g} (train split, "
             f"omega {guidance:g})")
-    report = json.loads(saved.read_text())
     return {"one_step_sigma": report["one_step_sigma"],
             "scores": {f"{row['sigma']:g}": round(row["score"], 5) for row in report["starts"]}}
 
@@ -594,7 +601,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
                                         cache_dir, log)
                      for seed in seeds or (student.seeds[:1] if quick else student.seeds)}
         folders[key] = next(iter(runs[key].values()))
-        if preset.calibrate_guidance is not None and student.config.startswith("configs/ctm/"):
+        if preset.calibrate_guidance is not None and is_ctm_student(folders[key]):
             num = preset.quick_num_samples if quick else preset.num_samples
             calibration[key] = {seed: calibrate_cached(folder, preset.dataset,
                                                        preset.calibrate_guidance, num, log)

@@ -11,6 +11,8 @@ evaluations do not use), so the start is chosen without looking at the test spli
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 from .evaluate import evaluate_pipeline
@@ -44,17 +46,24 @@ def calibrate_one_step_sigma(pipe, dataset_name: str, starts=DEFAULT_STARTS,
         raise ValueError(f"calibration chooses a CTM student's start; this is a "
                          f"{type(pipe).__name__} with a {type(pipe.scheduler).__name__}")
     sigma_min = pipe.scheduler.config.sigma_min
-    sweep = []
+    sweep, failed = [], []
     for start in tqdm(candidate_starts(pipe.scheduler, starts), desc="starts",
                       disable=not progress):
-        result = evaluate_pipeline(pipe, dataset_name, num_samples, seed, split="train",
-                                   progress=False, sigmas=[start, sigma_min], **call_kwargs)
+        try:
+            result = evaluate_pipeline(pipe, dataset_name, num_samples, seed, split="train",
+                                       progress=False, sigmas=[start, sigma_min], **call_kwargs)
+        except ValueError as error:  # e.g. non-finite samples from this start: not a choice
+            failed.append(f"sigma {start:g}: {error}")
+            continue
         sweep.append({"sigma": start, "score": result["score"],
                       "precision": result.get("precision"), "recall": result.get("recall")})
-    best = min(sweep, key=lambda row: row["score"])
+    finite = [row for row in sweep if math.isfinite(row["score"])]
+    if not finite:
+        raise ValueError(f"no start gave a finite score ({'; '.join(failed) or 'all NaN'})")
+    best = min(finite, key=lambda row: row["score"])
     return {"dataset": dataset_name, "split": "train", "seed": seed,
             "num_samples": result["num_samples"], "score_name": result["score_name"],
-            "call_kwargs": call_kwargs, "starts": sweep,
+            "call_kwargs": call_kwargs, "starts": sweep, "failed": failed,
             "previous_one_step_sigma": pipe.scheduler.config.one_step_sigma,
             "one_step_sigma": best["sigma"]}
 
@@ -67,4 +76,7 @@ def save_calibration(pipe, folder, report: dict) -> None:
     pipe.scheduler = CTMScheduler.from_config(pipe.scheduler.config,
                                               one_step_sigma=report["one_step_sigma"])
     pipe.scheduler.save_pretrained(folder / "scheduler")
-    (folder / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+    # written whole, then renamed: a crash leaves the old file or none, never half of one
+    tmp = folder / f"calibration.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(folder / "calibration.json")

@@ -129,8 +129,8 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
     pipeline (``num_inference_steps``, ``guidance_scale``, ...). Returns a JSON-ready dict with
     ``dataset, pipeline, nfe, score_name, score, cond_acc`` and the other metrics.
     ``split="train"`` takes the conditions and the reference from the train split instead: a
-    validation score for choosing a sampling setting (``eval.calibrate``), without the score
-    floor and the modulation depths."""
+    validation score for choosing a sampling setting (``eval.calibrate``); digits and
+    synthsounds then give no score floor (it is test vs train) and no modulation depths."""
     from ..data import load_dataset
 
     _check_dataset(dataset_name)

@@ -252,7 +252,7 @@ class CTMTraining:
         """False on the iterations where DMD2's two time-scale rule has the fake score step
         alone."""
         return not self.dm_active(step) or (step - self.cfg.ctm.dm_start) \
-            % self.cfg.ctm.dm_update_ratio == 0
+            % self.cfg.ctm.gen_update_ratio == 0
 
     def after_step(self, step: int):
         if self.student_steps(step):

@@ -167,14 +167,14 @@ def teacher_pairs(teacher: Denoiser, conds: torch.Tensor | None, shape: tuple, g
     return {"noise": noise, "cond": conds, "x": torch.cat(out)}
 
 
-def network_fingerprint(net: nn.Module) -> str:
-    """A hash of a network's weights: a cache made from one teacher is not reused for another
-    saved at the same path."""
+def fingerprint(named_tensors) -> str:
+    """A hash of (name, tensor) pairs, e.g. a network's state_dict().items(): a cache made from
+    one teacher (or condition set) is not reused for another saved at the same path."""
     digest = hashlib.sha256()
-    for name, value in net.state_dict().items():
+    for name, value in named_tensors:
         digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-                      .tobytes())
+        digest.update(memoryview(value.detach().cpu().contiguous().view(-1)
+                                 .view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
 
 

@@ -101,7 +101,7 @@ def regression_pairs(cfg: Config, teacher, ds: Dataset, cond, out: Path) -> dict
     """Teacher ODE pairs over the **whole** conditioning space (balanced over classes, or
     random training captions), cached in ``output_dir/teacher_pairs.pt``."""
     from ..pipelines.base import network_sample_shape
-    from .dmd2 import cached_pairs, network_fingerprint, teacher_pairs
+    from .dmd2 import cached_pairs, fingerprint, teacher_pairs
 
     m = cfg.msd
     n = m.num_pairs
@@ -114,7 +114,9 @@ def regression_pairs(cfg: Config, teacher, ds: Dataset, cond, out: Path) -> dict
     else:
         pair_cond = None
     key = {"num_pairs": n, "guidance": m.guidance, "steps": m.pair_steps, "seed": cfg.seed,
-           "teacher": network_fingerprint(teacher.net), "shape": list(shape)}
+           "teacher": fingerprint(teacher.net.state_dict().items()), "data": ds.name,
+           "conditions": None if pair_cond is None else fingerprint([("cond", pair_cond)]),
+           "shape": list(shape)}
 
     def make():
         log.info("making %d teacher ODE pairs (%d Heun steps)", n, m.pair_steps)

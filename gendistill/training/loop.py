@@ -253,8 +253,8 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     start = time.time()
     nonfinite_in_a_row, nonfinite_total = 0, 0
     loss = grad_norm = torch.tensor(float("nan"))  # logged values until the model first steps
-    # the newest value of every logged quantity: under the two time-scale rule the logged
-    # iteration can be one where only the auxiliary network stepped
+    # what is logged: under the two time-scale rule the logged iteration can be one where
+    # only the auxiliary network stepped
     latest = {}
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
     while counter.step < tc.max_steps:
@@ -294,7 +294,9 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
                     f"checkpoint: {latest_checkpoint(out) or 'none'})")
             continue
         nonfinite_in_a_row = 0
-        latest.update(logs)
+        # the generator's newest logs (kept while only the auxiliary network steps), with the
+        # auxiliary network's of this iteration: a finished phase's keys drop out
+        latest = dict(logs) if step_loss is not None else {**latest, **logs}
         for _loss, module, player_optimizer, player_scheduler in players:
             player_optimizer.step()
             if player_scheduler is not None:
