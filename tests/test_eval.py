@@ -382,8 +382,25 @@ def test_evaluate_digits_and_synthsounds_tiny_teachers():
     assert res["score_name"] == "domain FAD" and res["score"] > res["score_floor"]
     assert 0 <= res["cond_acc"] <= 1
     assert res["am_depth_ratio"] > 0 and "tremolo" in res["modulation_per_family"]
+    assert res["grain_real"] > 0 and res["grain_ratio"] == pytest.approx(
+        res["grain"] / res["grain_real"], rel=1e-3)
     with pytest.raises(ValueError, match="makes samples of shape"):
         evaluate_pipeline(digits, "synthsounds", 8, 0, progress=False)
+
+
+def test_grain_sees_speckle_on_a_dark_background_that_domain_fid_barely_sees(digits_test):
+    """Grain of real digits is small; the same digits with faint noise on their dark background
+    (|noise| about 0.05, well below a stroke) have several times the grain, while their domain
+    FID against the test split stays near zero. A flat dark image has none; nothing dark, 0."""
+    from gendistill.eval.grain import grain
+
+    x = digits_test.x
+    torch.manual_seed(0)
+    speckled = torch.where(x < -0.8, (x + 0.06 * torch.randn_like(x)).clamp(-1, -0.81), x)
+    assert grain(x) < 0.02 and grain(speckled) > 3 * grain(x)
+    assert domain_fid(x, speckled, "digits") < 0.1
+    assert grain(torch.full((4, 1, 8, 8), -1.0)) == 0
+    assert grain(torch.ones(4, 1, 8, 8)) == 0
 
 
 def test_modulation_depths_see_flattened_tremolo_and_wobble(sounds_test):

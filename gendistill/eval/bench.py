@@ -537,7 +537,7 @@ def teacher_row_for(rows: list[dict], row: dict) -> dict:
 
 
 AVERAGED = ("score", "precision", "recall", "cond_acc", "SW2", "am_depth_ratio",
-            "fm_depth_ratio")  # a row's results that are means over its runs
+            "fm_depth_ratio", "grain_ratio")  # a row's results that are means over its runs
 
 
 def mean_result(results: list[dict]) -> dict:
@@ -655,7 +655,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             "call": row.call, "score_floor": result.get("score_floor"),
             **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}),
             **{k: result[k] for k in ("am_depth_ratio", "fm_depth_ratio",
-                                      "modulation_per_family") if k in result}, **extra,
+                                      "modulation_per_family", "grain_ratio")
+               if result.get(k) is not None}, **extra,
         })
         samples[f"{row.model}/{row.method}"] = (pipe, call)
     for r in rows:
@@ -778,6 +779,13 @@ def results_markdown(results: dict) -> str:
                   "| --- | --- | ---: | ---: |"]
         lines += [f"| {r['model']} | {r['method']} | {r['am_depth_ratio']:.3f} | "
                   f"{r['fm_depth_ratio']:.3f} |" for r in rows if "am_depth_ratio" in r]
+    if any("grain_ratio" in r for r in rows):
+        lines += ["", "Grain of the dark background (silent bins) against the real data's: the "
+                  "mean change between neighbouring pixels or mel bins that are both dark; 1 = "
+                  "as smooth as the data, above 1 speckled, which the scores above do not see:",
+                  "", "| model | method | grain ratio |", "| --- | --- | ---: |"]
+        lines += [f"| {r['model']} | {r['method']} | {r['grain_ratio']:.2f} |"
+                  for r in rows if "grain_ratio" in r]
     controlled = [r for r in rows if r.get("control_error")]
     if controlled:
         lines += ["", "Training-free control (same prompts and seed, without and with control; "

@@ -5,7 +5,8 @@
   fresh exact samples of the true distribution with the same labels, per class and their mean.
 - ``digits``: domain FID against the test split (the score), conditional accuracy, and k-NN
   precision / recall in the domain classifier's feature space; Inception FID as well when
-  ``inception_weights`` is given.
+  ``inception_weights`` is given; the grain of the dark background against the real images'
+  (``eval.grain``, which the classifier's features do not see; synthsounds too).
 - ``synthsounds``: domain FAD against the test split's log-mels (the score), conditional
   accuracy (sound family named by each caption), k-NN precision / recall in the classifier's
   feature space, and the depth of loudness (AM) and pitch (FM) movement within the clips
@@ -31,6 +32,7 @@ from ..data.synthsounds import MODULATED
 from .accuracy import caption_families, conditional_accuracy
 from .fad import DOMAIN_FAD, ClapEmbedding, VGGishEmbedding, fad, fad_from_embeddings
 from .fid import DOMAIN_FID, domain_fid, inception_fid
+from .grain import grain
 from .knn import DEFAULT_K, precision_recall
 from .metrics2d import DEFAULT_BANDWIDTH, DEFAULT_PROJECTIONS, score_2d
 from .modulation import modulation_depths
@@ -192,7 +194,7 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
         result.update(score=domain_fid(real.x, x, "digits"),
                       cond_acc=conditional_accuracy(x, torch.tensor(conditions), "digits"),
                       score_floor=_score_floor("digits") if split == "test" else None,
-                      **domain_precision_recall(real.x, x, "digits"),
+                      **domain_precision_recall(real.x, x, "digits"), **grain_of(real.x, x),
                       reference=f"digits {split} split ({len(real)} images)")
         if inception_weights is not None:
             result["FID"] = inception_fid(real.x, x, inception_weights)
@@ -201,7 +203,7 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
                       cond_acc=conditional_accuracy(x, caption_families(conditions),
                                                     "synthsounds"),
                       score_floor=_score_floor("synthsounds") if split == "test" else None,
-                      **domain_precision_recall(real.x, x, "synthsounds"),
+                      **domain_precision_recall(real.x, x, "synthsounds"), **grain_of(real.x, x),
                       reference=f"synthsounds {split} split ({len(real)} log-mels)")
         if split == "test":  # vocodes every real clip: not needed for a validation score
             result.update(modulation_depths(real.x, real.family, x, caption_families(conditions),
@@ -216,6 +218,13 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
             result["fad_reference"] = f"{split} split and samples, both through the vocoder"
     result.update(seconds=round(seconds, 3), ms_per_sample=round(1000 * seconds / len(x), 3))
     return result
+
+
+def grain_of(real, fake) -> dict:
+    """The samples' grain (``eval.grain``) beside the real split's, and their ratio."""
+    mine, theirs = grain(fake), grain(real)
+    return {"grain": round(mine, 5), "grain_real": round(theirs, 5),
+            "grain_ratio": round(mine / theirs, 4) if theirs > 0 else None}
 
 
 def domain_precision_recall(real, fake, dataset_name: str, k: int = DEFAULT_K) -> dict:
