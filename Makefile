@@ -40,8 +40,8 @@ teachers: $(STAMP)
 	  cp runs/teacher-$$name/train_time.json gendistill/assets/teachers/$$name/train_time.json; \
 	done
 
-# Redistil the shipped 1-step CTM students from the shipped teachers (about 12 + 20 + 50 minutes
-# on one CPU thread) and copy them into the package.
+# Redistil the shipped 1-step CTM students from the shipped teachers (about 12 + 35 + 75-100
+# minutes on one CPU thread) and copy them into the package.
 students: $(STAMP)
 	for name in toy2d digits synthsounds; do \
 	  $(VENV)/bin/gendistill train configs/ctm/$$name.yaml output_dir=runs/ctm-$$name && \

@@ -221,9 +221,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def write_json(path: str, obj) -> None:
+    """A results file, its folder made if needed."""
     import json
 
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def cmd_evaluate(args) -> int:
     from .eval.evaluate import _check_dataset, evaluate_pipeline, summary_line
 
     _check_dataset(args.dataset)
@@ -237,17 +244,13 @@ def cmd_evaluate(args) -> int:
                                vggish_weights=args.vggish_weights, clap_model=args.clap_model,
                                progress=not args.no_progress, **kwargs)
     result = {"model": str(args.model_dir), **result}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(summary_line(result))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    import json
-
     from .eval.calibrate import DEFAULT_STARTS, calibrate_one_step_sigma, save_calibration
     from .eval.evaluate import _check_dataset
     from .pipelines import model_folder
@@ -265,9 +268,7 @@ def cmd_calibrate(args) -> int:
         print(f"start sigma {row['sigma']:g}: {report['score_name']} {row['score']:.4g} "
               f"(train split)")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     folder = model_folder(args.model_dir)
     if args.dry_run:
         print(f"best start: {report['one_step_sigma']:g} (not saved: --dry-run)")
@@ -402,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("model_dir", help="a CTM student folder (or its run's output_dir)")
     k.add_argument("--dataset", required=True, metavar="NAME",
                    help="toy2d, digits or synthsounds")
-    k.add_argument("--starts", type=sigma_list, metavar="S,S,...", help="candidate noise levels (default 80,40,20,10,7,5; "
-                   "above the student's sigma_max: its sigma_max)")
+    k.add_argument("--starts", type=sigma_list, metavar="S,S,...",
+                   help="candidate noise levels (default 80,40,20,10,7,5; above the "
+                   "student's sigma_max: its sigma_max)")
     k.add_argument("--guidance", type=float, metavar="W",
                    help="CFG scale to calibrate at (default: the pipeline's own)")
     k.add_argument("--num-samples", type=int, metavar="N",
