@@ -259,14 +259,21 @@ def cmd_calibrate(args) -> int:
     check_flag("--num-samples", args.num_samples, 2, 1_000_000)
     check_flag("--guidance", args.guidance)
     check_flag("--seed", args.seed)
+    if args.max_grain_increase is not None and not args.max_grain_increase >= 0:
+        raise UsageError(f"--max-grain-increase: {args.max_grain_increase} is not >= 0")
     pipe = _load_model(args.model_dir)
     kwargs = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    if args.max_grain_increase is not None:
+        kwargs["max_grain_increase"] = args.max_grain_increase
     report = calibrate_one_step_sigma(pipe, args.dataset, args.starts or DEFAULT_STARTS,
                                       args.num_samples, args.seed,
                                       progress=not args.no_progress, **kwargs)
     for row in report["starts"]:
+        grain, limit = row["grain"], report["grain_limit"]
+        grain = "" if grain is None else f", grain {grain:.4g}" + (
+            f": above {limit:.4g}, not a choice" if limit is not None and grain > limit else "")
         print(f"start sigma {row['sigma']:g}: {report['score_name']} {row['score']:.4g} "
-              f"(train split)")
+              f"(train split){grain}")
     if args.out:
         write_json(args.out, report)
     folder = model_folder(args.model_dir)
@@ -412,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per start (default: as evaluate)")
     k.add_argument("--seed", type=int, default=1000, help="default 1000: evaluations use 0, 1, "
                    "2, ...")
+    k.add_argument("--max-grain-increase", type=float, metavar="F",
+                   help="only starts whose grain (digits, synthsounds) is at most 1 + F times "
+                   "the grain from sigma 10 compete (default 0.1; inf: any start)")
     k.add_argument("--dry-run", action="store_true", help="report, do not change the folder")
     k.add_argument("--out", metavar="PATH", help="also write the sweep to this .json")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")

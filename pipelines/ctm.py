@@ -21,6 +21,9 @@ from .base import ConditionalPipeline, custom_sigmas, timestep_sigmas
 from .control import control_unsupported, guide, optimise_noise
 
 
+DEFAULT_ONE_STEP_SIGMA = 10.0
+
+
 class CTMScheduler(SchedulerMixin, ConfigMixin):
     """Owns the Karras grid of the sampler and the gamma-step.
 
@@ -35,7 +38,8 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                 rho: float = RHO, gamma: float = 0.0, one_step_sigma: float | None = 10.0):
+                 rho: float = RHO, gamma: float = 0.0,
+                 one_step_sigma: float | None = DEFAULT_ONE_STEP_SIGMA):
         if one_step_sigma is not None and not one_step_sigma > sigma_min:
             raise ValueError(f"one_step_sigma must be above sigma_min = {sigma_min} (or None "
                              f"for sigma_max), got {one_step_sigma}")

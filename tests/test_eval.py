@@ -2,6 +2,7 @@
 the shipped domain classifiers, FID / FAD behaviour on real data, checkpoint plumbing with random
 weights, and ``evaluate`` end to end on tiny random teachers."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -499,7 +500,11 @@ def test_calibrate_chooses_the_start_on_the_train_split_and_saves_it(tmp_path, m
     assert report["one_step_sigma"] == 10.0 and report["previous_one_step_sigma"] == 80.0
     assert load_pipeline(folder).scheduler.config.one_step_sigma == 10.0
     assert set(splits) == {"train"}
-    assert "one_step_sigma 80 -> 10" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "one_step_sigma 80 -> 10" in out and "start sigma 10: domain FID" in out
+    # each start's grain is printed, held to 1.1x the default start's
+    assert report["grain_limit"] == pytest.approx(1.1 * next(
+        row["grain"] for row in report["starts"] if row["sigma"] == 10.0)) and ", grain " in out
     assert main(["calibrate", str(ASSETS / "teachers" / "digits"), "--dataset", "digits"]) == 2
     err = capsys.readouterr().err.strip()
     assert "calibration chooses a CTM student's start" in err and len(err.splitlines()) == 1
@@ -510,8 +515,34 @@ def test_calibration_starts_stay_inside_the_students_range():
     from gendistill.pipelines import CTMScheduler
 
     assert candidate_starts(CTMScheduler(sigma_max=10.0), (80, 20, 10, 5, 0.001)) == [10.0, 5.0]
+    # the default start (the grain every choice is held to) is always measured
+    assert candidate_starts(CTMScheduler(), (80, 20)) == [80.0, 20.0, 10.0]
+    assert candidate_starts(CTMScheduler(sigma_max=8.0), (5,)) == [8.0, 5.0]
     with pytest.raises(ValueError, match=r"no start in the student's range \(0.002, 80\]"):
         candidate_starts(CTMScheduler(), (0.001,))
+
+
+def test_calibration_does_not_buy_a_score_with_grain():
+    """The shipped sound student's train-split sweep (FAD, grain): FAD alone prefers 5, whose
+    grain is 1.62x that from 10; held to 1.1x the grain from 10, the choice is 10. Without
+    the grain rule, or where there is no grain or the reference start failed, the best score
+    wins."""
+    from gendistill.eval.calibrate import best_start, grain_limit
+
+    sweep = [{"sigma": s, "score": f, "grain": g} for s, f, g in
+             [(80.0, 2.880, 0.01304), (40.0, 2.525, 0.01289), (20.0, 2.127, 0.01325),
+              (10.0, 1.734, 0.01586), (7.0, 1.582, 0.01953), (5.0, 1.528, 0.02565)]]
+    limit = grain_limit(sweep, 10.0, 0.1)
+    assert limit == pytest.approx(0.01586 * 1.1)
+    assert best_start(sweep, limit)["sigma"] == 10.0
+    assert best_start(sweep, grain_limit(sweep, 10.0, 0.25))["sigma"] == 7.0
+    assert best_start(sweep, grain_limit(sweep, 10.0, math.inf))["sigma"] == 5.0
+    assert best_start(sweep, None)["sigma"] == 5.0
+    # the reference row failed: nothing to hold the others to
+    sweep[3]["score"] = math.nan
+    assert grain_limit(sweep, 10.0, 0.1) is None
+    no_grain = [{**row, "grain": None} for row in sweep]
+    assert grain_limit(no_grain, 20.0, 0.1) is None and best_start(no_grain, None)["sigma"] == 5
 
 
 def test_the_bench_calibrates_a_student_again_only_when_the_setting_changed(tmp_path):

@@ -376,11 +376,11 @@ def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: i
     """A CTM student's single-jump start, chosen on the train split once per model folder and
     setting (its calibration.json) and written into its scheduler."""
     from ..pipelines import load_pipeline
-    from .calibrate import calibrate_one_step_sigma, save_calibration
+    from .calibrate import MAX_GRAIN_INCREASE, calibrate_one_step_sigma, save_calibration
 
     saved = folder / "calibration.json"
     wanted = {"dataset": dataset, "call_kwargs": {"guidance_scale": guidance},
-              "num_samples": num_samples}
+              "num_samples": num_samples, "max_grain_increase": MAX_GRAIN_INCREASE}
     report = json.loads(saved.read_text()) if saved.is_file() else {}
     if any(report.get(key) != value for key, value in wanted.items()):
         pipe = load_pipeline(folder)
