@@ -115,8 +115,8 @@ def test_regression_pairs_come_from_the_same_noise_and_condition(tmp_path):
 
 
 def test_regression_pairs_are_made_again_for_another_teacher_at_the_same_path(tmp_path):
-    """The pairs cache is keyed by the teacher's weights, not its path: a teacher retrained into
-    the same folder does not reuse the old teacher's ODE endpoints."""
+    """The pairs cache is keyed by the teacher's weights and parameterisation, not its path: a
+    teacher retrained into the same folder does not reuse the old teacher's ODE endpoints."""
     from gendistill.config import load_config
     from gendistill.data import load_dataset
     from gendistill.methods.msd import regression_pairs
@@ -133,6 +133,9 @@ def test_regression_pairs_are_made_again_for_another_teacher_at_the_same_path(tm
     assert not again["x"].equal(first["x"])
     assert again["x"].equal(teacher_pairs(teacher, again["cond"], (2,), cfg.msd.guidance,
                                           cfg.msd.pair_steps, cfg.seed, 256)["x"])
+    # the same weights under another sigma_data (a retrained scheduler config): other pairs
+    teacher.sigma_data = 1.0
+    assert not regression_pairs(cfg, teacher, ds, None, tmp_path)["x"].equal(again["x"])
 
 
 def toy_teacher(classes=4):

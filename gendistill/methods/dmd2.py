@@ -181,12 +181,13 @@ def fingerprint(named_tensors) -> str:
 def cached_pairs(path: Path, key: dict, make) -> dict:
     """The pairs saved at ``path`` when they were made with ``key``; else made and saved
     (written whole, then renamed: students running in parallel never read half a file)."""
+    key = json.dumps(key, sort_keys=True, default=str)  # compared as text: tuples == lists
     if path.is_file():
         saved = torch.load(path, weights_only=True)
-        if json.loads(saved["key"]) == key:
+        if saved["key"] == key:
             return saved
     pairs = make()
-    pairs["key"] = json.dumps(key, sort_keys=True)
+    pairs["key"] = key
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(pairs, tmp)

@@ -114,7 +114,12 @@ def regression_pairs(cfg: Config, teacher, ds: Dataset, cond, out: Path) -> dict
     else:
         pair_cond = None
     key = {"num_pairs": n, "guidance": m.guidance, "steps": m.pair_steps, "seed": cfg.seed,
-           "teacher": fingerprint(teacher.net.state_dict().items()), "data": ds.name,
+           "teacher": fingerprint(teacher.net.state_dict().items()),
+           # the same weights read under another parameterisation give other trajectories
+           "denoiser": {"class": type(teacher).__name__, "sigma_data": teacher.sigma_data,
+                        "sigma_min": teacher.sigma_min, "sigma_max": teacher.sigma_max,
+                        "scheduler": teacher.scheduler_config},
+           "data": ds.name,
            "conditions": None if pair_cond is None else fingerprint([("cond", pair_cond)]),
            "shape": list(shape)}
 
