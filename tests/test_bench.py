@@ -127,11 +127,13 @@ def test_markdown_table():
     md = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu", "num_samples": 10,
                            "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row]})
     assert "| teacher | heun | 10 | 35 |" in md and "(quick)" in md
-    audio = dict(row, score_name="domain FAD", am_depth_ratio=0.8, fm_depth_ratio=1.1)
+    audio = dict(row, score_name="domain FAD", am_depth_ratio=0.8, fm_depth_ratio=1.1,
+                 pitch_acc=0.9, loudness_acc=0.95, attribute_acc=0.875, attribute_acc_real=0.948)
     md = results_markdown({"preset": "synthsounds", "quick": True, "device": "cpu",
                            "num_samples": 10, "repeats": 1, "timing_batch": 4,
                            "train_seconds": {}, "rows": [audio]})
     assert "| teacher | heun | 0.800 | 1.100 |" in md
+    assert "| teacher | heun | 90.0 % | 95.0 % | 87.5 % |" in md and "score 94.8 %" in md
 
 
 def test_score_spread_over_evaluation_and_training_seeds():

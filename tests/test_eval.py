@@ -385,6 +385,8 @@ def test_evaluate_digits_and_synthsounds_tiny_teachers():
     assert res["am_depth_ratio"] > 0 and "tremolo" in res["modulation_per_family"]
     assert res["grain_real"] > 0 and res["grain_ratio"] == pytest.approx(
         res["grain"] / res["grain_real"], rel=1e-3)
+    assert 0 <= res["attribute_acc"] <= min(res["pitch_acc"], res["loudness_acc"])
+    assert res["attribute_acc_real"] > 0.9
     with pytest.raises(ValueError, match="makes samples of shape"):
         evaluate_pipeline(digits, "synthsounds", 8, 0, progress=False)
 
@@ -563,3 +565,36 @@ def test_the_bench_calibrates_a_student_again_only_when_the_setting_changed(tmp_
     assert len(logs) == 2 and "omega 3" in logs[1]
     saved = json.loads((folder / "calibration.json").read_text())
     assert saved["call_kwargs"] == {"guidance_scale": 3.0}
+
+
+def test_attribute_accuracy_reads_pitch_and_loudness_of_real_clips():
+    """Real test clips have the pitch and loudness their captions name (read against the
+    train clips' medians per family); the same clips under captions whose low and high are
+    swapped keep only the mid clips' pitch (1/3), under quiet and loud swapped none of their
+    loudness; a caption naming no pitch is left out."""
+    from gendistill.data import load_dataset
+    from gendistill.data.synthsounds import attributes_of
+    from gendistill.eval.attributes import attribute_accuracy
+    from gendistill.pipelines.audio import MelVocoder
+
+    assert attributes_of("a loud high siren, fast") == (7, 1, 2, 1)
+    assert attributes_of("tone sound, low pitch, quiet and slow") == (0, 0, 0, 0)
+    assert attributes_of("a highway at night") == (-1, -1, -1, -1)
+    train, test = load_dataset("synthsounds", "train"), load_dataset("synthsounds", "test")
+    vocoder = MelVocoder(**train.vocoder)
+    result = attribute_accuracy(train.x, train.captions, test.x, test.captions, vocoder)
+    assert result["pitch_acc"] > 0.9 and result["loudness_acc"] > 0.95
+    assert result["attribute_acc"] > 0.9 and result["attribute_acc_real"] > 0.9
+
+    def swap(caption, a, b):
+        return " ".join(b if w == a else a if w == b else w for w in caption.split(" "))
+
+    pitch_swapped = [swap(c, "low", "high") for c in test.captions]
+    result = attribute_accuracy(train.x, train.captions, test.x, pitch_swapped, vocoder)
+    assert 0.25 < result["pitch_acc"] < 0.34 and result["loudness_acc"] > 0.95
+    loud_swapped = [swap(c, "quiet", "loud") for c in test.captions]
+    result = attribute_accuracy(train.x, train.captions, test.x, loud_swapped, vocoder)
+    assert result["loudness_acc"] < 0.05 and result["attribute_acc"] < 0.05
+    some = [c if i % 2 else "a siren" for i, c in enumerate(test.captions)]
+    assert attribute_accuracy(train.x, train.captions, test.x, some, vocoder)[
+        "attribute_acc"] > 0.9

@@ -6,6 +6,8 @@ per clip, and captions drawn from paraphrase templates. Deterministic for a seed
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -93,6 +95,15 @@ def family_of(caption_text: str) -> int:
     """The sound family a caption names (the longest family name found in it), or -1."""
     hits = [i for i, f in enumerate(FAMILIES) if f in caption_text.lower()]
     return max(hits, key=lambda i: len(FAMILIES[i])) if hits else -1
+
+
+def attributes_of(caption_text: str) -> tuple[int, int, int, int]:
+    """(family, speed, pitch, loudness) indices a caption names (into FAMILIES, SPEEDS,
+    PITCHES, LOUDNESS), -1 for each it does not name."""
+    words = set(re.findall(r"[a-z]+", caption_text.lower()))
+    speed, pitch, loud = (next((k for k, name in enumerate(names) if name in words), -1)
+                          for names in (SPEEDS, PITCHES, LOUDNESS))
+    return family_of(caption_text), speed, pitch, loud
 
 
 def load_synthsounds(split: str = "train", seed: int = 0, n_per_combo: int | None = None) -> Dataset:

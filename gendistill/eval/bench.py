@@ -537,7 +537,8 @@ def teacher_row_for(rows: list[dict], row: dict) -> dict:
 
 
 AVERAGED = ("score", "precision", "recall", "cond_acc", "SW2", "am_depth_ratio",
-            "fm_depth_ratio", "grain_ratio")  # a row's results that are means over its runs
+            "fm_depth_ratio", "grain_ratio", "pitch_acc", "loudness_acc",
+            "attribute_acc")  # a row's results that are means over its runs
 
 
 def mean_result(results: list[dict]) -> dict:
@@ -655,7 +656,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             "call": row.call, "score_floor": result.get("score_floor"),
             **({"sw2": round(result["SW2"], 5)} if "SW2" in result else {}),
             **{k: result[k] for k in ("am_depth_ratio", "fm_depth_ratio",
-                                      "modulation_per_family", "grain_ratio")
+                                      "modulation_per_family", "grain_ratio", "pitch_acc",
+                                      "loudness_acc", "attribute_acc", "attribute_acc_real")
                if result.get(k) is not None}, **extra,
         })
         samples[f"{row.model}/{row.method}"] = (pipe, call)
@@ -786,6 +788,18 @@ def results_markdown(results: dict) -> str:
                   "", "| model | method | grain ratio |", "| --- | --- | ---: |"]
         lines += [f"| {r['model']} | {r['method']} | {r['grain_ratio']:.2f} |"
                   for r in rows if "grain_ratio" in r]
+    attributed = [r for r in rows if "attribute_acc" in r]
+    if attributed:
+        lines += ["", "Caption attributes: the share of clips with the pitch (low / mid / high) "
+                  "and loudness (quiet / loud) their captions name, each read as the nearest "
+                  "median of the real clips of the same family (the family accuracy above is "
+                  "near 100 % for every row, so it cannot show how closely a row follows its "
+                  f"captions); the real clips score {100 * attributed[0]['attribute_acc_real']:.1f}"
+                  " % on both:", "",
+                  "| model | method | pitch | loudness | both |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['model']} | {r['method']} | {100 * r['pitch_acc']:.1f} % | "
+                  f"{100 * r['loudness_acc']:.1f} % | {100 * r['attribute_acc']:.1f} % |"
+                  for r in attributed]
     controlled = [r for r in rows if r.get("control_error")]
     if controlled:
         lines += ["", "Training-free control (same prompts and seed, without and with control; "

@@ -9,8 +9,9 @@
   (``eval.grain``, which the classifier's features do not see; synthsounds too).
 - ``synthsounds``: domain FAD against the test split's log-mels (the score), conditional
   accuracy (sound family named by each caption), k-NN precision / recall in the classifier's
-  feature space, and the depth of loudness (AM) and pitch (FM) movement within the clips
-  against the real clips' (``eval.modulation``); prompts are the test-split captions.
+  feature space, the share of clips with the pitch and loudness their captions name
+  (``eval.attributes``), and the depth of loudness (AM) and pitch (FM) movement within the
+  clips against the real clips' (``eval.modulation``); prompts are the test-split captions.
   VGGish / CLAP FAD as well when their checkpoints are given (both sides vocoded with the
   same vocoder, so the vocoder's own loss is not counted against the model).
 
@@ -30,6 +31,7 @@ import torch
 
 from ..data.synthsounds import MODULATED
 from .accuracy import caption_families, conditional_accuracy
+from .attributes import attribute_accuracy
 from .fad import DOMAIN_FAD, ClapEmbedding, VGGishEmbedding, fad, fad_from_embeddings
 from .fid import DOMAIN_FID, domain_fid, inception_fid
 from .grain import grain
@@ -204,6 +206,8 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
                                                     "synthsounds"),
                       score_floor=_score_floor("synthsounds") if split == "test" else None,
                       **domain_precision_recall(real.x, x, "synthsounds"), **grain_of(real.x, x),
+                      **attribute_accuracy(real.x, real.captions, x, list(conditions),
+                                           _vocoder(pipe, real)),
                       reference=f"synthsounds {split} split ({len(real)} log-mels)")
         if split == "test":  # vocodes every real clip: not needed for a validation score
             result.update(modulation_depths(real.x, real.family, x, caption_families(conditions),
@@ -261,6 +265,9 @@ def summary_line(result: dict) -> str:
         parts[0] += f" (real-vs-real {result['score_floor']:.3g})"
     if result.get("cond_acc") is not None:
         parts.append(f"cond acc {result['cond_acc']:.3f}")
+    if result.get("attribute_acc") is not None:
+        parts.append(f"caption pitch and loudness {result['attribute_acc']:.3f} (real "
+                     f"{result['attribute_acc_real']:.3f})")
     if result.get("SW2") is not None:
         parts.append(f"SW2 {result['SW2']:.4g}")
     parts.append(f"precision {result['precision']:.3f}, recall {result['recall']:.3f}")

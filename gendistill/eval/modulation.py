@@ -20,14 +20,22 @@ EDGE = 2
 FLOOR_DB = 40.0
 
 
-def _frames(features: torch.Tensor, vocoder) -> torch.Tensor:
+def mel_power(features: torch.Tensor, vocoder) -> torch.Tensor:
     """(B, 1, n_mels, frames) normalised log-mels -> (B, n_mels, frames - 2 EDGE) mel power."""
     return vocoder.mel(features)[..., EDGE:-EDGE].double() ** 2
 
 
+def centroid_and_weight(power: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, frames) spectral centroid of each frame (mel bins) and each frame's share of the
+    clip's energy (silent frames weigh nothing)."""
+    bins = torch.arange(power.shape[1], dtype=power.dtype, device=power.device)[:, None]
+    energy = power.sum(1).clamp_min(1e-30)
+    return (bins * power).sum(1) / energy, energy / energy.sum(-1, keepdim=True)
+
+
 def am_depth(features: torch.Tensor, vocoder) -> torch.Tensor:
     """(B,) standard deviation over frames of the frame energy in dB."""
-    db = 10 * torch.log10(_frames(features, vocoder).sum(1).clamp_min(1e-30))
+    db = 10 * torch.log10(mel_power(features, vocoder).sum(1).clamp_min(1e-30))
     db = torch.maximum(db, db.amax(-1, keepdim=True) - FLOOR_DB)
     return db.std(-1).float()
 
@@ -35,11 +43,7 @@ def am_depth(features: torch.Tensor, vocoder) -> torch.Tensor:
 def fm_depth(features: torch.Tensor, vocoder) -> torch.Tensor:
     """(B,) energy-weighted standard deviation over frames of the spectral centroid (mel
     bins)."""
-    power = _frames(features, vocoder)
-    bins = torch.arange(power.shape[1], dtype=power.dtype, device=power.device)[:, None]
-    energy = power.sum(1).clamp_min(1e-30)
-    centroid = (bins * power).sum(1) / energy
-    weight = energy / energy.sum(-1, keepdim=True)
+    centroid, weight = centroid_and_weight(mel_power(features, vocoder))
     mean = (weight * centroid).sum(-1, keepdim=True)
     return (weight * (centroid - mean) ** 2).sum(-1).sqrt().float()
 
