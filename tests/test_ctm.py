@@ -576,10 +576,11 @@ def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
         "ctm.gen_update_ratio=2", "train.max_steps=7", "train.batch_size=16",
         "train.checkpoint_every=0", "train.log_every=2"])
     method = CTMTraining(cfg, teacher, torch.tensor(4))
-    student_losses, fake_steps, target_moves = [], [], []
+    student_losses, fake_steps, target_moves, current = [], [], [], [None]
     real_loss, real_aux, real_update = method.loss, method.auxiliary_loss, method.target.update
 
     def loss(batch, step):
+        current[0] = step
         out = real_loss(batch, step)
         student_losses.append((step, out[0] is not None, "dm" in out[1]))
         return out
@@ -595,11 +596,16 @@ def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
         real_update(model)
 
     method.loss, method.auxiliary_loss, method.target.update = loss, auxiliary_loss, update
+    # a latent teacher's VAE encodes the batch only where the student steps (the fake score's
+    # samples need the latents' shape, not the data's latents)
+    encoded, real_encode = [], method.teacher_pipe.encode
+    method.teacher_pipe.encode = lambda x: encoded.append(current[0]) or real_encode(x)
     ds = load_dataset("toy2d", "train")
     train(cfg, method, data_loader(ds.x, ds.y, 16, 0))
     assert student_losses == [(0, True, False), (1, True, False), (2, True, True),
                               (3, False, False), (4, True, True), (5, False, False),
                               (6, True, True)]
+    assert encoded == [0, 1, 2, 4, 6]
     assert fake_steps == [2, 3, 4, 5, 6]
     assert target_moves == [0, 1, 2, 4, 6]
     # every second iteration is logged, here always one where the student sat out: the log

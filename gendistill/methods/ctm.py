@@ -268,8 +268,9 @@ class CTMTraining:
 
     def loss(self, batch, step):
         c = self.cfg.ctm
+        from ..pipelines.base import network_sample_shape
+
         x0, cond = batch if len(batch) == 2 else (batch[0], None)
-        x0 = self.teacher_pipe.encode(x0)  # a latent teacher's space
         device, n = x0.device, x0.shape[0]
         self.teacher.to(device)
         self.target.to(device)
@@ -277,9 +278,11 @@ class CTMTraining:
         if cond is not None:
             cond = drop_conditions(cond, self.null_cond, self.cfg.train.cond_dropout)
         if not self.student_steps(step):  # the fake score learns fresh samples alone
+            like = x0.new_empty(n, *network_sample_shape(self.teacher.net))  # no VAE call
             with torch.no_grad():
-                self.generated, self.generated_cond = self.one_step_samples(x0, cond), cond
+                self.generated, self.generated_cond = self.one_step_samples(like, cond), cond
             return None, {}
+        x0 = self.teacher_pipe.encode(x0)  # a latent teacher's space
         guidance = None
         if self.distill_guidance:
             guidance = torch.empty(n, device=device).uniform_(c.guidance_min, c.guidance_max)
