@@ -259,8 +259,6 @@ def cmd_calibrate(args) -> int:
     check_flag("--num-samples", args.num_samples, 2, 1_000_000)
     check_flag("--guidance", args.guidance)
     check_flag("--seed", args.seed)
-    if args.max_grain_increase is not None and not args.max_grain_increase >= 0:
-        raise UsageError(f"--max-grain-increase: {args.max_grain_increase} is not >= 0")
     pipe = _load_model(args.model_dir)
     kwargs = {} if args.guidance is None else {"guidance_scale": args.guidance}
     if args.max_grain_increase is not None:
@@ -268,12 +266,18 @@ def cmd_calibrate(args) -> int:
     report = calibrate_one_step_sigma(pipe, args.dataset, args.starts or DEFAULT_STARTS,
                                       args.num_samples, args.seed,
                                       progress=not args.no_progress, **kwargs)
+    limit = report["grain_limit"]
     for row in report["starts"]:
-        grain, limit = row["grain"], report["grain_limit"]
-        grain = "" if grain is None else f", grain {grain:.4g}" + (
-            f": above {limit:.4g}, not a choice" if limit is not None and grain > limit else "")
+        grain = "" if row["grain"] is None else f", grain {row['grain']:.4g}"
+        if not row["eligible"]:
+            above = limit is not None and row["grain"] is not None and row["grain"] > limit
+            grain += f": above {limit:.4g}, not a choice" if above else ": not a choice"
         print(f"start sigma {row['sigma']:g}: {report['score_name']} {row['score']:.4g} "
               f"(train split){grain}")
+    if (limit is None and report["grain_reference"] is not None
+            and any(row["grain"] is not None for row in report["starts"])):
+        print(f"no grain check: the start {report['grain_reference']:g} gave no grain to hold "
+              f"the others to; chosen by {report['score_name']} alone")
     if args.out:
         write_json(args.out, report)
     folder = model_folder(args.model_dir)
@@ -421,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "2, ...")
     k.add_argument("--max-grain-increase", type=float, metavar="F",
                    help="only starts whose grain (digits, synthsounds) is at most 1 + F times "
-                   "the grain from sigma 10 compete (default 0.1; inf: any start)")
+                   "the grain from the default start (sigma 10, or sigma_max below it) "
+                   "compete (default 0.1; inf: no grain check)")
     k.add_argument("--dry-run", action="store_true", help="report, do not change the folder")
     k.add_argument("--out", metavar="PATH", help="also write the sweep to this .json")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -127,6 +127,11 @@ def test_markdown_table():
     md = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu", "num_samples": 10,
                            "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row]})
     assert "| teacher | heun | 10 | 35 |" in md and "(quick)" in md
+    calibrated = {"preset": "digits", "quick": True, "device": "cpu", "num_samples": 10,
+                  "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row],
+                  "calibration": {"ctm": {"0": {"one_step_sigma": 10.0, "refused": ["5"],
+                                                "scores": {"80": 1.0, "10": 0.8, "5": 0.5}}}}}
+    assert "| ctm | 0 | 10 | 80: 1, 10: 0.8, 5: 0.5* |" in results_markdown(calibrated)
     audio = dict(row, score_name="domain FAD", am_depth_ratio=0.8, fm_depth_ratio=1.1,
                  pitch_acc=0.9, loudness_acc=0.95, attribute_acc=0.875, attribute_acc_real=0.948)
     md = results_markdown({"preset": "synthsounds", "quick": True, "device": "cpu",

@@ -47,35 +47,53 @@ def _nearest(values: torch.Tensor, groups: torch.Tensor, medians: torch.Tensor):
     return (values[:, None] - medians[groups]).abs().nan_to_num(float("inf")).argmin(1)
 
 
+NO_ATTRIBUTES = {"pitch_acc": None, "loudness_acc": None, "attribute_acc": None,
+                 "attribute_acc_real": None, "attribute_n": 0}
+
+
 def attribute_accuracy(real: torch.Tensor, real_captions: list[str], fake: torch.Tensor,
                        fake_captions: list[str], vocoder) -> dict:
     """Share of ``fake`` clips whose pitch / loudness / both match their captions, read against
-    the medians of the ``real`` clips of each family; ``attribute_acc_real``: the same of the
-    real clips themselves (the ceiling this reading allows). Captions that do not name a
-    family, a speed, a pitch and a loudness are left out."""
+    the medians of the ``real`` clips of each family and speed; ``attribute_acc_real``: the
+    same of the real clips themselves (the ceiling this reading allows). Only clips whose
+    captions name a family, a speed, a pitch and a loudness that the real clips have, with a
+    real median for the named pitch and loudness, are read (``attribute_n``); None where no
+    clip is."""
     def read(x, captions):
-        """(group, pitch, loudness) named by the captions that name all four, and the clips'
-        measured pitch and loudness."""
-        names = torch.tensor([attributes_of(c) for c in captions], dtype=torch.long)
+        """(group, pitch, loudness) named by the readable captions, and the measured pitch and
+        loudness of their clips."""
+        names = torch.tensor([attributes_of(c) for c in captions],
+                             dtype=torch.long).reshape(-1, 4)
         keep = (names >= 0).all(1)
-        family, speed, pitch, loud = names[keep].T
+        family, speed, pitch, loud = names.T
+        group = family * len(SPEEDS) + speed
+        if medians is not None:  # the real clips must have the named values
+            keep &= medians[0][group.clamp_min(0), pitch.clamp_min(0)].isfinite()
+            keep &= medians[1][group.clamp_min(0), loud.clamp_min(0)].isfinite()
+        if not keep.any():
+            return None
         measured = pitch_and_loudness(x[keep].float().cpu(), vocoder)
-        return (family * len(SPEEDS) + speed, pitch, loud), measured
-
-    (group, pitch, loud), (real_pitch, real_loud) = read(real, real_captions)
-    medians = (_medians(real_pitch, group, pitch, len(PITCHES)),
-               _medians(real_loud, group, loud, len(LOUDNESS)))
+        return (group[keep], pitch[keep], loud[keep]), measured
 
     def matches(names, measured):
         group, pitch, loud = names
-        if not len(group):
-            raise ValueError("no caption names a family, a speed, a pitch and a loudness")
         return (_nearest(measured[0], group, medians[0]) == pitch,
                 _nearest(measured[1], group, medians[1]) == loud)
 
-    pitch_ok, loud_ok = matches(*read(fake, fake_captions))
+    medians = None
+    real_read = read(real, real_captions)
+    if real_read is None:
+        return dict(NO_ATTRIBUTES)
+    (group, pitch, loud), (real_pitch, real_loud) = real_read
+    medians = (_medians(real_pitch, group, pitch, len(PITCHES)),
+               _medians(real_loud, group, loud, len(LOUDNESS)))
+    fake_read = read(fake, fake_captions)
+    if fake_read is None:
+        return dict(NO_ATTRIBUTES)
+    pitch_ok, loud_ok = matches(*fake_read)
     real_pitch_ok, real_loud_ok = matches((group, pitch, loud), (real_pitch, real_loud))
     return {"pitch_acc": round(float(pitch_ok.float().mean()), 4),
             "loudness_acc": round(float(loud_ok.float().mean()), 4),
             "attribute_acc": round(float((pitch_ok & loud_ok).float().mean()), 4),
-            "attribute_acc_real": round(float((real_pitch_ok & real_loud_ok).float().mean()), 4)}
+            "attribute_acc_real": round(float((real_pitch_ok & real_loud_ok).float().mean()), 4),
+            "attribute_n": len(pitch_ok)}

@@ -392,7 +392,9 @@ def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: i
         log(f"{folder}: single jump from sigma {report['one_step_sigma']:g} (train split, "
             f"omega {guidance:g})")
     return {"one_step_sigma": report["one_step_sigma"],
-            "scores": {f"{row['sigma']:g}": round(row["score"], 5) for row in report["starts"]}}
+            "scores": {f"{row['sigma']:g}": round(row["score"], 5) for row in report["starts"]},
+            "refused": [f"{row['sigma']:g}" for row in report["starts"] if not row["eligible"]],
+            "grain_limit": report["grain_limit"]}
 
 
 def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> tuple[float, float]:
@@ -792,11 +794,12 @@ def results_markdown(results: dict) -> str:
     if attributed:
         lines += ["", "Caption attributes: the share of clips with the pitch (low / mid / high) "
                   "and loudness (quiet / loud) their captions name, each read as the nearest "
-                  "median of the real clips of the same family (the family accuracy above is "
-                  "near 100 % for every row, so it cannot show how closely a row follows its "
-                  f"captions); the real clips score {100 * attributed[0]['attribute_acc_real']:.1f}"
-                  " % on both:", "",
-                  "| model | method | pitch | loudness | both |", "| --- | --- | ---: | ---: | ---: |"]
+                  "median of the real clips of the same family and speed (the family accuracy "
+                  "above is near 100 % for every row, so it cannot show how closely a row "
+                  "follows its captions); the real clips score "
+                  f"{100 * attributed[0]['attribute_acc_real']:.1f} % on both:", "",
+                  "| model | method | pitch | loudness | both |",
+                  "| --- | --- | ---: | ---: | ---: |"]
         lines += [f"| {r['model']} | {r['method']} | {100 * r['pitch_acc']:.1f} % | "
                   f"{100 * r['loudness_acc']:.1f} % | {100 * r['attribute_acc']:.1f} % |"
                   for r in attributed]
@@ -830,11 +833,15 @@ def results_markdown(results: dict) -> str:
     if results.get("calibration"):
         lines += ["", f"Where each CTM student's single jump starts: chosen on the train split "
                   f"(its {score_name} from each start, a seed the rows do not use; "
-                  f"`gendistill calibrate`), so the test split above stays unseen:", "",
+                  f"`gendistill calibrate`), so the test split above stays unseen; a start "
+                  f"marked * was refused for its grain (above `grain_limit` in results.json: "
+                  f"the default start's grain times 1 + `--max-grain-increase`) or a score "
+                  f"that is not finite:", "",
                   "| student | training seed | start σ | train-split score from each start |",
                   "| --- | ---: | ---: | --- |"]
         lines += [f"| {k} | {seed} | {c['one_step_sigma']:g} | "
-                  + ", ".join(f"{sigma}: {v:.3g}" for sigma, v in c["scores"].items()) + " |"
+                  + ", ".join(f"{sigma}: {v:.3g}{'*' if sigma in c.get('refused', ()) else ''}"
+                              for sigma, v in c["scores"].items()) + " |"
                   for k, by_seed in results["calibration"].items()
                   for seed, c in by_seed.items()]
     floor = rows[0].get("score_floor")

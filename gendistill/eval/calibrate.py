@@ -28,37 +28,52 @@ MAX_GRAIN_INCREASE = 0.1
 
 
 def reference_start(scheduler) -> float:
-    """The start an uncalibrated student jumps from: the grain every choice is held to."""
+    """The start whose grain every choice is held to: the scheduler's default single jump
+    (sigma = 10, or sigma_max below it)."""
     from ..pipelines.ctm import DEFAULT_ONE_STEP_SIGMA
 
     return min(DEFAULT_ONE_STEP_SIGMA, scheduler.config.sigma_max)
 
 
-def candidate_starts(scheduler, starts=DEFAULT_STARTS) -> list[float]:
+def candidate_starts(scheduler, starts=DEFAULT_STARTS, reference: float | None = None
+                     ) -> list[float]:
     """The starts inside the student's range (sigma_min, sigma_max], a start above it taken as
-    sigma_max, and the reference start, largest first."""
+    sigma_max, and ``reference`` when given, largest first."""
     cfg = scheduler.config
     kept = {min(float(s), cfg.sigma_max) for s in starts if s > cfg.sigma_min}
     if not kept:
         raise ValueError(f"no start in the student's range ({cfg.sigma_min:g}, "
                          f"{cfg.sigma_max:g}]: {', '.join(f'{s:g}' for s in starts)}")
-    return sorted(kept | {reference_start(scheduler)}, reverse=True)
+    return sorted(kept | ({reference} if reference is not None else set()), reverse=True)
 
 
 def grain_limit(sweep: list[dict], reference: float,
                 max_grain_increase: float = MAX_GRAIN_INCREASE) -> float | None:
-    """(1 + ``max_grain_increase``) times the grain of the finite row at sigma ``reference``;
-    None where the dataset has no grain measure or that row is missing or not finite."""
+    """(1 + ``max_grain_increase``) times the grain of the row at sigma ``reference``; None (no
+    limit) where ``max_grain_increase`` is infinite, or that row is missing or has no grain
+    (the dataset has no grain measure, or the jump made nothing dark)."""
+    if not math.isfinite(max_grain_increase):
+        return None
     return next((row["grain"] * (1 + max_grain_increase) for row in sweep
-                 if row["sigma"] == reference and math.isfinite(row["score"])
-                 and row.get("grain") is not None), None)
+                 if row["sigma"] == reference and row.get("grain") is not None), None)
 
 
-def best_start(sweep: list[dict], limit: float | None) -> dict:
-    """The finite row of lowest score among those whose grain is at most ``limit``."""
-    return min((row for row in sweep if math.isfinite(row["score"])
-                and (limit is None or row.get("grain") is None or row["grain"] <= limit)),
-               key=lambda row: row["score"])
+def mark_eligible(sweep: list[dict], limit: float | None) -> None:
+    """Each row's ``eligible``: a finite score and, under a limit, a measured grain at most
+    ``limit``."""
+    for row in sweep:
+        grain = row.get("grain")
+        row["eligible"] = math.isfinite(row["score"]) and (
+            limit is None or (grain is not None and grain <= limit))
+
+
+def best_start(sweep: list[dict]) -> dict:
+    """The eligible row (``mark_eligible``) of lowest score."""
+    eligible = [row for row in sweep if row["eligible"]]
+    if not eligible:
+        raise ValueError("no start has a finite score and at most the grain limit (the default "
+                         "start's grain times 1 + max_grain_increase)")
+    return min(eligible, key=lambda row: row["score"])
 
 
 def calibrate_one_step_sigma(pipe, dataset_name: str, starts=DEFAULT_STARTS,
@@ -67,8 +82,10 @@ def calibrate_one_step_sigma(pipe, dataset_name: str, starts=DEFAULT_STARTS,
                              max_grain_increase: float = MAX_GRAIN_INCREASE,
                              **call_kwargs) -> dict:
     """Score one jump from each start on the train split; return the sweep and the best start
-    (``best_start``) as ``one_step_sigma``. ``call_kwargs`` go to the pipeline
-    (guidance_scale)."""
+    (``best_start``) as ``one_step_sigma``. With a finite ``max_grain_increase`` the default
+    start is measured too and holds the others to its grain (``grain_limit``); None there means
+    it gave no grain to hold them to (a dataset without the measure, or a failed jump), and the
+    score alone chooses. ``call_kwargs`` go to the pipeline (guidance_scale)."""
     from tqdm.auto import tqdm
 
     from ..pipelines import CTMScheduler
@@ -76,9 +93,13 @@ def calibrate_one_step_sigma(pipe, dataset_name: str, starts=DEFAULT_STARTS,
     if not isinstance(pipe.scheduler, CTMScheduler):
         raise ValueError(f"calibration chooses a CTM student's start; this is a "
                          f"{type(pipe).__name__} with a {type(pipe.scheduler).__name__}")
+    if not max_grain_increase >= 0:
+        raise ValueError(f"max_grain_increase must be >= 0 (inf: no grain check), got "
+                         f"{max_grain_increase}")
     sigma_min = pipe.scheduler.config.sigma_min
+    reference = reference_start(pipe.scheduler) if math.isfinite(max_grain_increase) else None
     sweep, failed = [], []
-    for start in tqdm(candidate_starts(pipe.scheduler, starts), desc="starts",
+    for start in tqdm(candidate_starts(pipe.scheduler, starts, reference), desc="starts",
                       disable=not progress):
         try:
             result = evaluate_pipeline(pipe, dataset_name, num_samples, seed, split="train",
@@ -91,12 +112,14 @@ def calibrate_one_step_sigma(pipe, dataset_name: str, starts=DEFAULT_STARTS,
                       "grain": result.get("grain")})
     if not any(math.isfinite(row["score"]) for row in sweep):
         raise ValueError(f"no start gave a finite score ({'; '.join(failed) or 'all NaN'})")
-    limit = grain_limit(sweep, reference_start(pipe.scheduler), max_grain_increase)
-    best = best_start(sweep, limit)
+    limit = None if reference is None else grain_limit(sweep, reference, max_grain_increase)
+    mark_eligible(sweep, limit)
+    best = best_start(sweep)
     return {"dataset": dataset_name, "split": "train", "seed": seed,
             "num_samples": result["num_samples"], "score_name": result["score_name"],
             "call_kwargs": call_kwargs, "max_grain_increase": max_grain_increase,
-            "grain_limit": limit, "starts": sweep, "failed": failed,
+            "grain_reference": reference, "grain_limit": limit, "starts": sweep,
+            "failed": failed,
             "previous_one_step_sigma": pipe.scheduler.config.one_step_sigma,
             "one_step_sigma": best["sigma"]}
 

@@ -227,8 +227,9 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
 def grain_of(real, fake) -> dict:
     """The samples' grain (``eval.grain``) beside the real split's, and their ratio."""
     mine, theirs = grain(fake), grain(real)
-    return {"grain": round(mine, 5), "grain_real": round(theirs, 5),
-            "grain_ratio": round(mine / theirs, 4) if theirs > 0 else None}
+    return {"grain": None if mine is None else round(mine, 5),
+            "grain_real": None if theirs is None else round(theirs, 5),
+            "grain_ratio": round(mine / theirs, 4) if mine is not None and theirs else None}
 
 
 def domain_precision_recall(real, fake, dataset_name: str, k: int = DEFAULT_K) -> dict:

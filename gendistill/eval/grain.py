@@ -14,10 +14,13 @@ import torch
 DARK = -0.8
 
 
-def grain(x: torch.Tensor, dark: float = DARK) -> float:
+def grain(x: torch.Tensor, dark: float = DARK) -> float | None:
     """Mean |x[..., i + 1, :] - x[..., i, :]| over the neighbouring pairs that are both below
-    ``dark``, for images or log-mels (N, C, H, W); 0 where nothing is dark."""
+    ``dark``, for images or log-mels (N, C, H, W); None where no such pair exists (nothing to
+    measure: a grey or NaN batch is not smooth)."""
     x = x.float().clamp(-1, 1)
     below, above = x[..., 1:, :], x[..., :-1, :]
     both = (below < dark) & (above < dark)
-    return float(((below - above).abs() * both).sum() / both.sum().clamp_min(1))
+    if not both.any():
+        return None
+    return float(((below - above).abs() * both).sum() / both.sum())

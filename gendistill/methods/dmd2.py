@@ -181,7 +181,7 @@ def fingerprint(named_tensors) -> str:
 def cached_pairs(path: Path, key: dict, make) -> dict:
     """The pairs saved at ``path`` when they were made with ``key``; else made and saved
     (written whole, then renamed: students running in parallel never read half a file)."""
-    key = json.dumps(key, sort_keys=True, default=str)  # compared as text: tuples == lists
+    key = json.dumps(key, sort_keys=True)  # compared as text: tuples == lists
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved["key"] == key:
