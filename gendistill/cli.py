@@ -384,9 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate samples spread evenly over the dataset's conditions "
                        "and score them: toy2d -> RBF-MMD² at the modes' scale + sliced W2 vs the "
                        "true distribution; digits -> domain FID vs the test split + conditional "
-                       "accuracy; synthsounds -> domain FAD + conditional accuracy (test "
-                       "captions); every dataset -> k-NN precision / recall (k = 5; in the "
-                       "domain classifier's features for digits and synthsounds). NFE is "
+                       "accuracy + grain; synthsounds -> domain FAD + conditional accuracy (test "
+                       "captions) + the pitch and loudness the captions name + grain + "
+                       "modulation depth; every dataset -> k-NN precision / recall (k = 5; in "
+                       "the domain classifier's features for digits and synthsounds). NFE is "
                        "counted from real network calls.")
     e.add_argument("model_dir", help="a model folder (gendistill train output or diffusers)")
     e.add_argument("--dataset", required=True, metavar="NAME", help="toy2d, digits or synthsounds")
