@@ -201,19 +201,19 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
         if inception_weights is not None:
             result["FID"] = inception_fid(real.x, x, inception_weights)
     else:
+        vocoder = _vocoder(pipe, real)
         result.update(score=fad(real.x, x, _domain_embedding()),
                       cond_acc=conditional_accuracy(x, caption_families(conditions),
                                                     "synthsounds"),
                       score_floor=_score_floor("synthsounds") if split == "test" else None,
                       **domain_precision_recall(real.x, x, "synthsounds"), **grain_of(real.x, x),
                       **attribute_accuracy(real.x, real.captions, x, list(conditions),
-                                           _vocoder(pipe, real)),
+                                           vocoder),
                       reference=f"synthsounds {split} split ({len(real)} log-mels)")
         if split == "test":  # vocodes every real clip: not needed for a validation score
             result.update(modulation_depths(real.x, real.family, x, caption_families(conditions),
-                                            _vocoder(pipe, real), real.class_names, MODULATED))
+                                            vocoder, real.class_names, MODULATED))
         if extra_embeddings:
-            vocoder = _vocoder(pipe, real)
             rate = vocoder.config.sample_rate
             real_waves, fake_waves = vocoder(real.x), vocoder(x)
             for key, emb in extra_embeddings.items():
