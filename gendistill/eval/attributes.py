@@ -59,39 +59,34 @@ def attribute_accuracy(real: torch.Tensor, real_captions: list[str], fake: torch
     captions name a family, a speed, a pitch and a loudness that the real clips have, with a
     real median for the named pitch and loudness, are read (``attribute_n``); None where no
     clip is."""
-    def read(x, captions):
-        """(group, pitch, loudness) named by the readable captions, and the measured pitch and
-        loudness of their clips."""
+    def named(captions):
+        """(group, pitch, loudness) each caption names, and which captions name all four."""
         names = torch.tensor([attributes_of(c) for c in captions],
                              dtype=torch.long).reshape(-1, 4)
-        keep = (names >= 0).all(1)
         family, speed, pitch, loud = names.T
-        group = family * len(SPEEDS) + speed
-        if medians is not None:  # the real clips must have the named values
-            keep &= medians[0][group.clamp_min(0), pitch.clamp_min(0)].isfinite()
-            keep &= medians[1][group.clamp_min(0), loud.clamp_min(0)].isfinite()
-        if not keep.any():
-            return None
-        measured = pitch_and_loudness(x[keep].float().cpu(), vocoder)
-        return (group[keep], pitch[keep], loud[keep]), measured
+        return (family * len(SPEEDS) + speed, pitch, loud), (names >= 0).all(1)
 
     def matches(names, measured):
-        group, pitch, loud = names
-        return (_nearest(measured[0], group, medians[0]) == pitch,
-                _nearest(measured[1], group, medians[1]) == loud)
+        (group, pitch, loud), (measured_pitch, measured_loud) = names, measured
+        return (_nearest(measured_pitch, group, medians[0]) == pitch,
+                _nearest(measured_loud, group, medians[1]) == loud)
 
-    medians = None
-    real_read = read(real, real_captions)
-    if real_read is None:
+    (group, pitch, loud), keep = named(real_captions)
+    if not keep.any():
         return dict(NO_ATTRIBUTES)
-    (group, pitch, loud), (real_pitch, real_loud) = real_read
-    medians = (_medians(real_pitch, group, pitch, len(PITCHES)),
-               _medians(real_loud, group, loud, len(LOUDNESS)))
-    fake_read = read(fake, fake_captions)
-    if fake_read is None:
+    real_names = (group[keep], pitch[keep], loud[keep])
+    real_measured = pitch_and_loudness(real[keep].float().cpu(), vocoder)
+    medians = (_medians(real_measured[0], real_names[0], real_names[1], len(PITCHES)),
+               _medians(real_measured[1], real_names[0], real_names[2], len(LOUDNESS)))
+    (group, pitch, loud), keep = named(fake_captions)
+    # read only what the real clips have a median for
+    keep &= medians[0][group.clamp_min(0), pitch.clamp_min(0)].isfinite()
+    keep &= medians[1][group.clamp_min(0), loud.clamp_min(0)].isfinite()
+    if not keep.any():
         return dict(NO_ATTRIBUTES)
-    pitch_ok, loud_ok = matches(*fake_read)
-    real_pitch_ok, real_loud_ok = matches((group, pitch, loud), (real_pitch, real_loud))
+    pitch_ok, loud_ok = matches((group[keep], pitch[keep], loud[keep]),
+                                pitch_and_loudness(fake[keep].float().cpu(), vocoder))
+    real_pitch_ok, real_loud_ok = matches(real_names, real_measured)
     return {"pitch_acc": round(float(pitch_ok.float().mean()), 4),
             "loudness_acc": round(float(loud_ok.float().mean()), 4),
             "attribute_acc": round(float((pitch_ok & loud_ok).float().mean()), 4),
