@@ -29,26 +29,26 @@ gpu-check: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# $(call ship,CONFIG,RUN,ASSET): train configs/CONFIG.yaml into runs/RUN, then copy its model,
+# training config and time into gendistill/assets/ASSET (one shell command, for the loops below).
+ship = $(VENV)/bin/gendistill train configs/$(1).yaml output_dir=runs/$(2) && \
+	rm -rf gendistill/assets/$(3) && mkdir -p $$(dirname gendistill/assets/$(3)) && \
+	cp -r runs/$(2)/model gendistill/assets/$(3) && \
+	cp runs/$(2)/config.json gendistill/assets/$(3)/training_config.json && \
+	cp runs/$(2)/train_time.json gendistill/assets/$(3)/train_time.json
+
 # Retrain the shipped teachers (about 15 + 5 + 35 + 15 + 15 minutes on 2 CPU cores) and copy them
 # into the package (digits-vp and digits-flow: the VP epsilon and flow-matching digits teachers).
 teachers: $(STAMP)
 	for name in digits toy2d synthsounds digits-vp digits-flow; do \
-	  $(VENV)/bin/gendistill train configs/teacher/$$name.yaml output_dir=runs/teacher-$$name && \
-	  rm -rf gendistill/assets/teachers/$$name && mkdir -p gendistill/assets/teachers && \
-	  cp -r runs/teacher-$$name/model gendistill/assets/teachers/$$name && \
-	  cp runs/teacher-$$name/config.json gendistill/assets/teachers/$$name/training_config.json && \
-	  cp runs/teacher-$$name/train_time.json gendistill/assets/teachers/$$name/train_time.json; \
+	  $(call ship,teacher/$$name,teacher-$$name,teachers/$$name); \
 	done
 
 # Redistil the shipped 1-step CTM students from the shipped teachers (about 12 + 35 + 75-100
 # minutes on one CPU thread) and copy them into the package.
 students: $(STAMP)
 	for name in toy2d digits synthsounds; do \
-	  $(VENV)/bin/gendistill train configs/ctm/$$name.yaml output_dir=runs/ctm-$$name && \
-	  rm -rf gendistill/assets/students/$$name && mkdir -p gendistill/assets/students && \
-	  cp -r runs/ctm-$$name/model gendistill/assets/students/$$name && \
-	  cp runs/ctm-$$name/config.json gendistill/assets/students/$$name/training_config.json && \
-	  cp runs/ctm-$$name/train_time.json gendistill/assets/students/$$name/train_time.json; \
+	  $(call ship,ctm/$$name,ctm-$$name,students/$$name); \
 	done
 
 clean:
