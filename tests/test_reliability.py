@@ -292,6 +292,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, config):
     """A run killed with SIGKILL after a checkpoint and resumed ends with exactly the weights of
     the uninterrupted run: model, EMA, target network (CTM), fake score and its head (MSD),
     optimisers, LR schedule, RNG streams and the data order are all restored."""
+    import json
     import signal
     import time
 
@@ -332,6 +333,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, config):
         a, b = load_file(f), load_file(killed / "model" / f.relative_to(tmp_path / "whole" /
                                                                           "model"))
         assert all(a[k].equal(b[k]) for k in a), f"{f.name} differs after the resume"
+    # the training time counts the part before the kill too (the checkpoint keeps it)
+    timing = json.loads((killed / run_of / "train_time.json").read_text())
+    assert timing["resumed_at"] >= 10 and timing["seconds"] > timing["seconds_this_run"] > 0
 
 
 def test_a_run_from_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):

@@ -70,16 +70,19 @@ def lr_decay(schedule: str, step: int, max_steps: int) -> float:
 
 
 class StepCounter:
-    """The global step, saved with accelerate's checkpoints."""
+    """The global step and the training seconds spent to reach it (over every resume), saved
+    with accelerate's checkpoints."""
 
     def __init__(self):
         self.step = 0
+        self.seconds = 0.0
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "seconds": self.seconds}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
+        self.seconds = float(state.get("seconds", 0.0))  # older checkpoints kept no time
 
 
 COMPLETE = "COMPLETE"  # written last into a checkpoint folder: everything before it is on disk
@@ -250,7 +253,12 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     batches = batches_from(accelerator, loader, counter.step)
     bar = tqdm(total=tc.max_steps, initial=counter.step, desc=f"{cfg.method}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    start = time.time()
+    start, seconds_before = time.time(), counter.seconds
+
+    def checkpoint():
+        counter.seconds = seconds_before + time.time() - start
+        save_checkpoint(accelerator, method, ema, out, counter.step, tc.keep_checkpoints)
+
     nonfinite_in_a_row, nonfinite_total = 0, 0
     loss = grad_norm = torch.tensor(float("nan"))  # logged values until the model first steps
     # what is logged: under the two time-scale rule the logged iteration can be one where
@@ -314,12 +322,11 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
         if tc.checkpoint_every > 0 and counter.step % tc.checkpoint_every == 0 \
                 and counter.step < tc.max_steps:
-            save_checkpoint(accelerator, method, ema, out, counter.step, tc.keep_checkpoints)
+            checkpoint()
         if terminate.requested(accelerator) and counter.step < tc.max_steps:
             # preempted (a cluster's SIGTERM): save where we are, then stop
             if not (out / "checkpoints" / f"step-{counter.step}").is_dir():
-                save_checkpoint(accelerator, method, ema, out, counter.step,
-                                tc.keep_checkpoints)
+                checkpoint()
             raise TrainingError(f"stopped by SIGTERM at step {counter.step}; checkpoint saved, "
                                 f"continue with train.resume=true")
     bar.close()
@@ -328,9 +335,13 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     final = out / "model"
     if accelerator.is_main_process:
         export(method, ema, final)
+        # seconds: the whole run's training time, over every resume; seconds_this_run: this
+        # process's part, from resumed_at
+        this_run = time.time() - start
         (out / "train_time.json").write_text(json.dumps(
             {"steps": tc.max_steps, "resumed_at": first_step,
-             "seconds": round(time.time() - start, 1), "device": str(accelerator.device)}))
+             "seconds": round(seconds_before + this_run, 2),
+             "seconds_this_run": round(this_run, 2), "device": str(accelerator.device)}))
         log.info("saved %s", final)
     accelerator.wait_for_everyone()  # every rank returns once the model is exported
     # the trackers end here; the process group stays for what the run does next (MSD's next
