@@ -133,6 +133,11 @@ class CTMStudent(ModelMixin, ConfigMixin):
         return output if self._extra_embedding is None else output + self._extra_embedding
 
     @property
+    def embedding_dtype(self) -> torch.dtype:
+        # read off one weight: ModelMixin.dtype walks every module, on every jump
+        return self.s_embedding.linear_1.weight.dtype
+
+    @property
     def has_guidance(self) -> bool:
         return self.config.embed_guidance
 
@@ -141,7 +146,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
         # s_log_scale * ln s (EDM's c_noise 0.25 by default, CTM's 250 spreads it over all
         # frequencies)
         s_noise = self.config.s_log_scale * s.clamp_min(self.config.sigma_min).log()
-        emb = self.s_embedding(self.s_proj(s_noise).to(self.dtype))
+        emb = self.s_embedding(self.s_proj(s_noise).to(self.embedding_dtype))
         if self.has_guidance:
             emb = emb + self.guidance_embedding(self.guidance_features(guidance, s))
         return emb
@@ -152,7 +157,7 @@ class CTMStudent(ModelMixin, ConfigMixin):
                             dtype=s.dtype).expand(s.shape[0])
         # LCM / SoundCTM embed 1000 omega; over omega in [1, 5] its fast sinusoids wrap
         # around many times and the slow ones barely move
-        return self.guidance_proj(self.config.guidance_embed_scale * w).to(self.dtype)
+        return self.guidance_proj(self.config.guidance_embed_scale * w).to(self.embedding_dtype)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond=None,
                 guidance=None) -> torch.Tensor:
