@@ -119,6 +119,14 @@ def test_presets_have_the_required_rows():
         {(r.model, r.method) for r in PRESETS["synthsounds"].rows}
 
 
+def test_timing_conditions_spread_over_an_ordered_split():
+    from gendistill.eval.bench import spread
+
+    ordered = [c for c in range(4) for _ in range(5)]  # a test split sorted by class
+    assert spread(ordered, 4) == [0, 1, 2, 3]
+    assert spread(ordered, 100) == ordered
+
+
 def test_markdown_table():
     row = dict(model="teacher", method="heun", params=10, nfe=35, ms_per_sample=1.0,
                speedup=1.0, score_name="MMD²", score=0.1, score_ratio=1.0, cond_acc=None,

@@ -397,6 +397,13 @@ def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: i
             "grain_limit": report["grain_limit"]}
 
 
+def spread(conditions: list, n: int) -> list:
+    """n conditions evenly spaced through a test split: toy2d's is ordered by class and
+    synthsounds' by family, so their first n are one class (one MSD student) or only tones."""
+    n = min(n, len(conditions))
+    return [conditions[i * len(conditions) // n] for i in range(n)]
+
+
 def time_pipeline(pipe, conditions: list, call: dict, repeats: int) -> tuple[float, float]:
     """Median milliseconds per sample of one pipeline call on a batch of ``conditions``:
     (end to end, the model alone). End to end adds the vocoder of audio pipelines, timed on
@@ -614,7 +621,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             train_seconds[key] = json.loads(timing.read_text())["seconds"]
 
     test = load_dataset(preset.dataset, "test")
-    timing_conditions = (test.captions if test.captions else test.y.tolist())[:preset.timing_batch]
+    timing_conditions = spread(test.captions if test.captions else test.y.tolist(),
+                               preset.timing_batch)
     num_samples = preset.quick_num_samples if quick else preset.num_samples
     pipes, rows, samples = {}, [], {}
     for row in preset.rows:
