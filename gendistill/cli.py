@@ -158,18 +158,18 @@ def mask_from_flag(spec: str, pipe):
     frames)."""
     import torch
 
+    from .pipelines.control import band_mask
+
     if spec.endswith(".npy"):
         return torch.as_tensor(read_array("--mask", spec), dtype=torch.float)
-    n_mels, frames = pipe.vocoder.config.n_mels, pipe.vocoder.num_frames
     try:
         low, high = (int(v) for v in spec.split(":"))
     except ValueError:
         raise UsageError(f"--mask: give FILE.npy or LO:HI mel bins, got {spec!r}") from None
-    if not 0 <= low < high <= n_mels:
-        raise UsageError(f"--mask: mel bins {low}:{high} are outside 0:{n_mels}")
-    mask = torch.zeros(n_mels, frames)
-    mask[low:high] = 1
-    return mask
+    try:
+        return band_mask(pipe.vocoder.config.n_mels, pipe.vocoder.num_frames, low, high)
+    except ValueError as err:
+        raise UsageError(f"--mask: {err}") from None
 
 
 def control_from_args(pipe, args):

@@ -139,9 +139,22 @@ class SpectralMaskControl(Control):
         return self.wrong_place(vocoder.mel(features))
 
     def error(self, waves, vocoder):
-        """The share of the vocoded audio's mel energy in the wrong place, mean over samples."""
-        mel = vocoder.mel_spectrogram(waves.float())
-        return {"energy_outside": float(self.wrong_place(mel).mean())}
+        """The share of the vocoded audio's mel energy in the wrong place, and its level (RMS
+        in dB), means over samples: a share near 0 can also come from a clip silenced as a
+        whole, which the level shows."""
+        waves = waves.float()
+        mel = vocoder.mel_spectrogram(waves)
+        return {"energy_outside": float(self.wrong_place(mel).mean()),
+                "level_db": float(to_db(waves.pow(2).mean(-1).sqrt()).mean())}
+
+
+def band_mask(n_mels: int, frames: int, low: int, high: int) -> torch.Tensor:
+    """A spectral mask marking mel bins ``low:high`` in every frame."""
+    if not 0 <= low < high <= n_mels:
+        raise ValueError(f"mel bins {low}:{high} are outside 0:{n_mels}")
+    mask = torch.zeros(n_mels, frames)
+    mask[low:high] = 1
+    return mask
 
 
 def descend(x: torch.Tensor, loss, lr: float, steps: int, project=None) -> torch.Tensor:

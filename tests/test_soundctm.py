@@ -119,6 +119,21 @@ def test_control_errors_have_their_known_answers(vocoder, real_clips):
     assert inside.item() < 1e-6 and outside.item() > 1 - 1e-6
     with pytest.raises(ValueError, match="mask is"):
         SpectralMaskControl(mask=torch.ones(16, 32)).loss(features, vocoder)
+    # a 440 Hz sine at amplitude 0.1 sits in the lower bins, at 20 log10(0.1 / sqrt 2) dB
+    sine = 0.1 * torch.sin(2 * torch.pi * 440 * torch.arange(waves.shape[-1])
+                           / vocoder.config.sample_rate)[None]
+    sine_error = SpectralMaskControl(mask=band, keep="outside").error(sine, vocoder)
+    assert abs(sine_error["level_db"] + 23.01) < 0.05
+    low_half = torch.zeros(32, 32)
+    low_half[:16] = 1
+    assert SpectralMaskControl(mask=low_half).error(sine, vocoder)["energy_outside"] < 0.01
+    # the bench's high-pass target: energy in the lower half of the bins is in the wrong place
+    from gendistill.eval.bench import make_control
+    highpass = make_control("highpass-guided", vocoder)
+    assert highpass.method == "guided"
+    assert highpass.loss(features, vocoder).item() > 1 - 1e-6  # all of it in bins 8..15
+    features[..., 8:16, :], features[..., 20:28, :] = -1.0, 0.5
+    assert highpass.loss(features, vocoder).item() < 1e-6
     with pytest.raises(ValueError, match="loudness target"):
         LoudnessControl(target=torch.ones(2, 3, 4))
 
