@@ -17,7 +17,7 @@ from gendistill.models.networks import build_network
 from gendistill.models.student import CTMStudent
 from gendistill.pipelines import (CTMScheduler, LoudnessControl, MelVocoder, SoundCTMPipeline,
                                   SpectralMaskControl)
-from gendistill.pipelines.control import guide, to_db
+from gendistill.pipelines.control import band_mask, guide, to_db
 from gendistill.pipelines.remote import save_with_remote_code
 from gendistill.pipelines.text import MINILM
 
@@ -112,8 +112,7 @@ def test_control_errors_have_their_known_answers(vocoder, real_clips):
     # a log-mel with energy only in mel bins 8..15: none outside, all of it outside the rest
     features = -torch.ones(1, 1, 32, 32)
     features[..., 8:16, :] = 0.5
-    band = torch.zeros(32, 32)
-    band[8:16] = 1
+    band = band_mask(32, 32, 8, 16)
     inside = SpectralMaskControl(mask=band).loss(features, vocoder)
     outside = SpectralMaskControl(mask=band, keep="outside").loss(features, vocoder)
     assert inside.item() < 1e-6 and outside.item() > 1 - 1e-6
@@ -124,9 +123,7 @@ def test_control_errors_have_their_known_answers(vocoder, real_clips):
                            / vocoder.config.sample_rate)[None]
     sine_error = SpectralMaskControl(mask=band, keep="outside").error(sine, vocoder)
     assert abs(sine_error["level_db"] + 23.01) < 0.05
-    low_half = torch.zeros(32, 32)
-    low_half[:16] = 1
-    assert SpectralMaskControl(mask=low_half).error(sine, vocoder)["energy_outside"] < 0.01
+    assert SpectralMaskControl(mask=band_mask(32, 32, 0, 16)).error(sine, vocoder)["energy_outside"] < 0.01
     # the bench's high-pass target: energy in the lower half of the bins is in the wrong place
     from gendistill.eval.bench import make_control
     highpass = make_control("highpass-guided", vocoder)
