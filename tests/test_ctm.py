@@ -306,6 +306,27 @@ def test_student_reads_s_and_omega():
         assert (g(0.1, 2.0) - g(0.1, 4.0)).abs().max() > 1e-3
 
 
+def test_a_shared_s_and_omega_are_embedded_once_and_jump_as_per_sample_values_do():
+    """A sampler's one s and omega for the batch are embedded as one row, broadcast onto every
+    sample: the jump equals the one from each sample's own copy; a per-sample omega still gets
+    one row per sample."""
+    for net in (build_network((2,), num_classes=4, width=32, depth=2), tiny_unet(4)):
+        student = CTMStudent.from_teacher(net, 0.5, 0.002, embed_guidance=True)
+        for emb in (student.s_embedding, student.guidance_embedding):
+            torch.nn.init.normal_(emb.linear_2.weight, std=0.5)
+        rows = []
+        student.s_embedding.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+        shape = (2,) if net.config.get("in_dim") else (1, 8, 8)
+        x, y, full = torch.randn(6, *shape), torch.arange(6) % 4, lambda v: torch.full((6,), v)
+        omegas = torch.linspace(1.0, 5.0, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(student(x, 5.0, 0.3, y, 2.5),
+                                       student(x, full(5.0), full(0.3), y, full(2.5)))
+            torch.testing.assert_close(student(x, 5.0, 0.3, y, omegas),
+                                       student(x, full(5.0), full(0.3), y, omegas))
+        assert rows == [1, 6, 6, 6]
+
+
 def test_s_is_uniform_from_u_to_the_end_of_the_grid():
     n, grid = 300_000, 6
     times = sample_ctm_times(n, grid, generator=torch.Generator().manual_seed(1))

@@ -161,7 +161,8 @@ class CTMStudent(ModelMixin, ConfigMixin):
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond=None,
                 guidance=None) -> torch.Tensor:
-        """g(x_t, t, s): the teacher's denoiser form at noise level t."""
+        """g(x_t, t, s): the teacher's denoiser form at noise level t; ``s`` (and ``guidance``)
+        one per sample, or one row for the whole batch."""
         self._extra_embedding = self.extra_embedding(s, guidance)
         if self.config.guidance_in_text and cond is not None:
             # token states (B x L x D): c_null + (1 + a(omega)) (c - c_null); the empty prompt
@@ -182,7 +183,11 @@ class CTMStudent(ModelMixin, ConfigMixin):
         wrappers such as DDP see every call.
         """
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0])
-        s = torch.as_tensor(s, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        s = torch.as_tensor(s, device=x.device, dtype=x.dtype)
+        # a sampler's s and omega are one value for the whole batch: embedded once, the one
+        # row broadcast onto every sample's time embedding
+        shared = s.ndim == 0 and not (torch.is_tensor(guidance) and guidance.ndim > 0)
+        s = s.expand(1 if shared else x.shape[0])
         denoised = self.denoise(x, t, s, cond, guidance)
         if return_denoised:
             return denoised
