@@ -221,9 +221,10 @@ PRESETS = {
         dataset="toy2d", teacher_config="configs/teacher/toy2d.yaml",
         students={"ctm": Student("configs/ctm/toy2d.yaml"),
                   "ctm-l2": Student("configs/ctm/toy2d.yaml", ["ctm.distance=l2"]),
-                  # CTM's GAN fine-tune: the last third of the run adds the GAN term
+                  # CTM's GAN fine-tune: the last third of the run adds the GAN term, at a
+                  # tenth of the weight (at 1 its weight's floor overpowers CTM: README)
                   "ctm-gan": Student("configs/ctm/toy2d.yaml",
-                                     ["ctm.gan_weight=1", "ctm.gan_start=2000"])},
+                                     ["ctm.gan_weight=0.1", "ctm.gan_start=2000"])},
         rows=_teacher_rows(18) + _ctm_rows() + [
             Row("ctm-1-gan", "ctm", "ctm-gan", {"num_inference_steps": 1})],
         num_samples=4000, quick_num_samples=1000, eval_seeds=(0, 1, 2),
