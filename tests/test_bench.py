@@ -109,7 +109,7 @@ def test_presets_have_the_required_rows():
         rows = {(r.model, r.method) for r in PRESETS[name].rows}
         assert {("teacher", "heun"), ("teacher", "euler-1"), ("ctm-1", "ctm"), ("ctm-2", "ctm"),
                 ("ctm-4-g0.5", "ctm")} <= rows
-    assert {("ctm-1-l2", "ctm"), ("ctm-1-gan", "ctm")} <= \
+    assert {("ctm-1-l2", "ctm"), ("ctm-1-no-gan", "ctm")} <= \
         {(r.model, r.method) for r in PRESETS["toy2d"].rows}
     assert {("teacher", "heun-w3"), ("ctm-1-w3", "ctm"), ("teacher-vp", "heun"),
             ("teacher-flow", "heun"), ("teacher-dit", "heun"), ("ctm-1-vp", "ctm"),

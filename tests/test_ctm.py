@@ -557,7 +557,7 @@ def test_auxiliary_term_switches_on_at_its_start_and_never_trains_the_teacher(tm
     teacher = TeacherPipeline(net, EDMEulerScheduler())
     teacher.set_progress_bar_config(disable=True)
     cfg = load_config("configs/ctm/toy2d.yaml", [
-        f"output_dir={tmp_path}", "ctm.num_grid=6", f"ctm.{term}_weight=1",
+        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.gan_weight=0", f"ctm.{term}_weight=1",
         f"ctm.{term}_start=2", "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
         "train.checkpoint_every=0"])
     method = CTMTraining(cfg, teacher, torch.tensor(4))
@@ -593,8 +593,8 @@ def test_dm_two_time_scale_rule_has_the_fake_score_step_alone(tmp_path):
     teacher = TeacherPipeline(build_network((2,), num_classes=4, width=32, depth=2),
                               EDMEulerScheduler())
     cfg = load_config("configs/ctm/toy2d.yaml", [
-        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.dm_weight=1", "ctm.dm_start=2",
-        "ctm.gen_update_ratio=2", "train.max_steps=7", "train.batch_size=16",
+        f"output_dir={tmp_path}", "ctm.num_grid=6", "ctm.gan_weight=0", "ctm.dm_weight=1",
+        "ctm.dm_start=2", "ctm.gen_update_ratio=2", "train.max_steps=7", "train.batch_size=16",
         "train.checkpoint_every=0", "train.log_every=2"])
     method = CTMTraining(cfg, teacher, torch.tensor(4))
     student_losses, fake_steps, target_moves, current = [], [], [], [None]
@@ -694,8 +694,8 @@ def test_dm_gradient_moves_scaled_samples_back_towards_the_data(scale):
 
     torch.manual_seed(0)
     teacher = load_pipeline(ASSETS / "teachers" / "toy2d")
-    method = CTMTraining(load_config("configs/ctm/toy2d.yaml", ["ctm.dm_weight=1"]), teacher,
-                         teacher.null_condition())
+    cfg = load_config("configs/ctm/toy2d.yaml", ["ctm.gan_weight=0", "ctm.dm_weight=1"])
+    method = CTMTraining(cfg, teacher, teacher.null_condition())
     fake_score, optimizer = method.auxiliary
     data = load_dataset("toy2d", "train")
     i = torch.randint(0, len(data.x), (1024,))
