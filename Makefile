@@ -44,7 +44,7 @@ teachers: $(STAMP)
 	  $(call ship,teacher/$$name,teacher-$$name,teachers/$$name); \
 	done
 
-# Redistil the shipped 1-step CTM students from the shipped teachers (about 12 + 35 + 75-100
+# Redistil the shipped 1-step CTM students from the shipped teachers (about 20 + 35 + 75-100
 # minutes on one CPU thread) and copy them into the package.
 students: $(STAMP)
 	for name in toy2d digits synthsounds; do \
