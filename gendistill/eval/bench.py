@@ -433,11 +433,10 @@ def time_pipeline(pipe, conditions: list, call: dict, repeats: int,
     # CUDA runs asynchronously: the clock is read once the device has finished
     finish = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     model, total = [], []
-    r = 0
-    while r < repeats or (sum(total) < min_seconds and r < 100 * repeats):
+    while len(total) < repeats or (sum(total) < min_seconds and len(total) < 100 * repeats):
         finish()
         start = time.perf_counter()
-        output = sample(pipe, *args, 1, r, **call)
+        output = sample(pipe, *args, 1, len(total), **call)
         finish()
         model.append(time.perf_counter() - start)
         if vocoder is not None:
@@ -446,7 +445,6 @@ def time_pipeline(pipe, conditions: list, call: dict, repeats: int,
             total.append(time.perf_counter() - start)
         else:  # the same call: one clock reading, so the two columns agree exactly
             total.append(model[-1])
-        r += 1
     per_sample = 1000 / len(conditions)
     return per_sample * statistics.median(total), per_sample * statistics.median(model)
 
