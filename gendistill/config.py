@@ -108,6 +108,9 @@ class CTMConfig:
     gan_sigma: float | None = None  # the noise level the discriminator sees its inputs at:
                                    # unset = the teacher's log-normal training levels (DMD2's
                                    # way); a value = that level (CTM judges clean samples)
+    gan_classifier: str | None = None  # a classifier folder (`train-classifier --out`): the
+                                   # discriminator's heads read its feature maps of the clean
+                                   # samples (or at gan_sigma) instead of the teacher's
     dm_weight: float = 0.0         # DMD's distribution-matching term on the 1-step samples
                                    # (adaptive weight, as the GAN's); 0 = off
     dm_start: int = 0              # the step the DM term and its fake score switch on
@@ -328,6 +331,9 @@ def validate(cfg: Config) -> Config:
     if c.gan_weight > 0 and c.dm_weight > 0:
         raise ConfigError("ctm.gan_weight and ctm.dm_weight: use one of the two terms (each "
                           "trains its own auxiliary network)")
+    if c.gan_classifier and c.gan_weight == 0:
+        raise ConfigError(f"ctm.gan_classifier ({c.gan_classifier}) is the GAN term's feature "
+                          f"network: set ctm.gan_weight > 0 too")
     if c.gen_update_ratio > 1 and c.dm_weight == 0:
         raise ConfigError(f"ctm.gen_update_ratio ({c.gen_update_ratio}) paces the student "
                           f"against the DM term's fake score: set ctm.dm_weight > 0 too")

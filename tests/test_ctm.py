@@ -526,13 +526,13 @@ def test_feature_discriminator_on_unet_and_mlp_features():
         assert len(disc.heads) == len(feats) and disc(feats).shape == (3,)
         # ctm.gan_sigma: the teacher's features of x noised at that level, else at a random one
         torch.manual_seed(0)
-        fixed = discriminator_logits(teacher, disc, x, cond, 0.1)
+        fixed = discriminator_logits(teacher.features, disc, x, cond, 0.1)
         torch.manual_seed(0)
         noised = x + 0.1 * torch.randn_like(x)
         torch.testing.assert_close(fixed, disc(teacher.features(noised, torch.full((3,), 0.1),
                                                                 cond)))
         torch.manual_seed(0)
-        assert not torch.allclose(discriminator_logits(teacher, disc, x, cond), fixed)
+        assert not torch.allclose(discriminator_logits(teacher.features, disc, x, cond), fixed)
     # hinge: zero once real logits >= 1 and fake logits <= -1
     assert hinge_discriminator_loss(torch.tensor([1.5, 1.0]), torch.tensor([-2.0])) == 0
     assert hinge_discriminator_loss(torch.tensor([0.0]), torch.tensor([0.0])) == 2
@@ -806,3 +806,77 @@ def test_one_jump_starts_at_one_step_sigma_and_longer_grids_at_sigma_max():
     assert CTMScheduler.from_config(old).config.one_step_sigma == 10.0
     with pytest.raises(ValueError, match="one_step_sigma must be above sigma_min"):
         CTMScheduler(one_step_sigma=0.0)
+
+
+def test_gan_heads_on_a_classifier_read_its_maps_of_the_clean_samples(tmp_path):
+    """ctm.gan_classifier: the discriminator's heads sit on the classifier's feature maps (each
+    level's pooled map and the penultimate features) of the samples as they are (no noise
+    unless ctm.gan_sigma); the gradient reaches the samples, never the classifier; both
+    players' losses run. A missing folder, or one that takes other samples, is a one-line
+    config error."""
+    from gendistill.assets import ASSETS
+    from gendistill.config import ConfigError, load_config
+    from gendistill.data import load_dataset
+    from gendistill.eval.classifier import load_classifier_from, train_classifier
+    from gendistill.methods.ctm import CTMTraining, discriminator_logits
+    from gendistill.pipelines import load_pipeline
+
+    torch.manual_seed(0)
+    folder = train_classifier("digits", tmp_path / "clf", epochs=1, seed=1, progress=False)
+    classifier = load_classifier_from(folder)
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    maps = classifier.feature_maps(x)
+    assert [tuple(m.shape) for m in maps] == [(3, 32, 4, 4), (3, 64, 2, 2), (3, 64)]
+    torch.testing.assert_close(maps[-1], classifier.features(x))
+
+    teacher = load_pipeline(ASSETS / "teachers" / "digits")
+    teacher.set_progress_bar_config(disable=True)
+    cfg = load_config("configs/ctm/digits.yaml", ["ctm.gan_weight=0.1",
+                                                  f"ctm.gan_classifier={folder}"])
+    method = CTMTraining(cfg, teacher, teacher.null_condition())
+    disc = method.discriminator
+    assert len(disc.heads) == len(maps)
+    x.requires_grad_(True)
+    logits = discriminator_logits(method.gan_features, disc, x, None, method.gan_sigma)
+    torch.testing.assert_close(logits, disc(classifier.feature_maps(x)))  # clean: no noise
+    logits.sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.gan_classifier.parameters())
+
+    data = load_dataset("digits", "train")
+    batch = (data.x[:4], data.y[:4])
+    loss, logs = method.loss(batch, 0)
+    assert torch.isfinite(loss) and "gan" in logs and 0.01 <= logs["gan_weight"] <= 10
+    loss, logs = method.auxiliary_loss(batch, 0)
+    assert torch.isfinite(loss) and "disc" in logs
+
+    with pytest.raises(ConfigError, match="set ctm.gan_weight > 0 too"):
+        load_config("configs/ctm/digits.yaml", [f"ctm.gan_classifier={folder}"])
+    missing = load_config("configs/ctm/digits.yaml", ["ctm.gan_weight=0.1",
+                                                      f"ctm.gan_classifier={tmp_path}"])
+    with pytest.raises(ConfigError, match="ctm.gan_classifier: .*no domain classifier"):
+        CTMTraining(missing, teacher, teacher.null_condition())
+    toy = load_pipeline(ASSETS / "teachers" / "toy2d")
+    other = load_config("configs/ctm/toy2d.yaml", [f"ctm.gan_classifier={folder}"])
+    with pytest.raises(ConfigError, match=r"takes inputs of shape \(1, 8, 8\), the teacher's"):
+        CTMTraining(other, toy, toy.null_condition())
+
+
+def test_a_term_that_starts_after_the_last_step_is_warned_about(caplog):
+    """The toy2d config's GAN term starts at step 2,000: a 1,000-step run of it trains without
+    the term, which is allowed (short toy runs) but said."""
+    import logging
+
+    from gendistill.assets import ASSETS
+    from gendistill.config import load_config
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.pipelines import load_pipeline
+
+    teacher = load_pipeline(ASSETS / "teachers" / "toy2d")
+    with caplog.at_level(logging.WARNING, logger="gendistill.methods.ctm"):
+        CTMTraining(load_config("configs/ctm/toy2d.yaml"), teacher, teacher.null_condition())
+        assert not caplog.records
+        short = load_config("configs/ctm/toy2d.yaml", ["train.max_steps=1000"])
+        CTMTraining(short, teacher, teacher.null_condition())
+    assert "ctm.gan_start (2000) is not below train.max_steps (1000): this run trains without " \
+        "the GAN term" in caplog.text

@@ -72,6 +72,16 @@ class DomainClassifier(nn.Module):
         """(B, C, H, W) model-space inputs -> (B, feature_dim) penultimate features."""
         return self.hidden(self.conv(x.float()))
 
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each level's pooled (B, C, H, W) map and the (B, feature_dim) features: what a
+        discriminator's heads read (CTM judges samples through a pretrained classifier)."""
+        maps, h = [], x.float()
+        for layer in self.conv:
+            h = layer(h)
+            if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+                maps.append(h)
+        return maps + [self.hidden(h)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes)."""
         return self.head(self.dropout(self.features(x)))

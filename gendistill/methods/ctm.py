@@ -9,12 +9,14 @@ with G_sg the EMA theta- of theta (``ctm.target_inner=ema``) or theta itself wit
 (``online``, CTM's choice), k ~ P(k) ∝ k, the distance d measured in the teacher's feature space
 (SoundCTM, default) or in l2, at time s ("zs", SoundCTM) or after mapping both to sigma_min with
 the EMA student ("z0", CTM). Two optional terms act on the 1-step samples a user draws:
-CTM's GAN (``ctm.gan_weight``) or DMD's distribution matching against a fake score that learns
+CTM's GAN (``ctm.gan_weight``: heads on the teacher's feature maps, or on a classifier's,
+``ctm.gan_classifier``) or DMD's distribution matching against a fake score that learns
 those samples (``ctm.dm_weight``, the gradient of methods/dmd2.py). See DESIGN.md section 4.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +35,8 @@ from ..training.ema import EMA
 from ..training.loop import frozen, unwrap
 from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
                    dm_sigmas, noised, weighted_error)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,16 +151,39 @@ def adaptive_weight(loss_main: torch.Tensor, loss_aux: torch.Tensor, last_layer:
     return (g_main.norm() / (g_aux.norm() + 1e-4)).clamp(min_weight, max_weight).detach()
 
 
-def discriminator_logits(teacher: Denoiser, discriminator, x, cond=None,
+def discriminator_logits(features, discriminator, x, cond=None,
                          sigma: float | None = None) -> torch.Tensor:
-    """D(x): the heads on the frozen teacher's features of x noised at ``sigma``, or at a
-    random sigma of EDM's training distribution when None, in fp32; gradients reach x but
-    never the teacher's weights."""
+    """D(x): the heads on a frozen network's feature maps ``features(x, sigma, cond)`` (the
+    teacher's, or a classifier's) of x noised at ``sigma``, or at a random sigma of EDM's
+    training distribution when None, in fp32; gradients reach x but never that network."""
     sigma = (sample_lognormal(x.shape[0], device=x.device) if sigma is None
              else torch.full((x.shape[0],), float(sigma), device=x.device))
     x = x.float() + append_dims(sigma, x.ndim) * torch.randn_like(x, dtype=torch.float)
     with full_precision(x.device):
-        return discriminator(teacher.features(x, sigma, cond))
+        return discriminator(features(x, sigma, cond))
+
+
+def load_gan_classifier(folder: str, teacher_net) -> nn.Module:
+    """The frozen classifier whose feature maps the GAN term's heads read (``ctm.gan_classifier``,
+    a folder of ``gendistill train-classifier --out``); it takes the teacher's samples. A
+    shipped domain classifier is allowed with a warning: the domain FID reads its features, and
+    a GAN on the scoring network's features can game the score."""
+    from ..eval.classifier import RECIPES, classifier_dir, load_classifier_from
+    from ..pipelines.base import network_sample_shape
+
+    try:
+        classifier = load_classifier_from(folder)
+    except Exception as error:  # a missing, foreign or corrupt folder: the user's input
+        raise ConfigError(f"ctm.gan_classifier: {folder}: {error}") from None
+    shape, expected = tuple(classifier.config["input_shape"]), network_sample_shape(teacher_net)
+    if shape != tuple(expected):
+        raise ConfigError(f"ctm.gan_classifier: {folder} takes inputs of shape {shape}, the "
+                          f"teacher's samples have shape {tuple(expected)}")
+    if any(Path(folder).resolve() == classifier_dir(name).resolve() for name in RECIPES):
+        log.warning("ctm.gan_classifier %s is a shipped domain classifier: the domain FID reads "
+                    "its features, so that score no longer judges this student independently",
+                    folder)
+    return classifier
 
 
 def hinge_discriminator_loss(real_logits, fake_logits) -> torch.Tensor:
@@ -215,7 +242,19 @@ class CTMTraining:
         # theta-: the target network, its own EMA (the loop's EMA is what gets exported)
         self.target = EMA(self.model, c.target_ema, warmup=False)  # constant, as in CTM
         self.checkpointed = (self.target,)
+        for term, weight, start in (("gan", c.gan_weight, c.gan_start),
+                                    ("dm", c.dm_weight, c.dm_start)):
+            if weight > 0 and start >= cfg.train.max_steps:  # a short toy run of a config
+                log.warning("ctm.%s_start (%d) is not below train.max_steps (%d): this run "
+                            "trains without the %s term", term, start, cfg.train.max_steps,
+                            term.upper())
+        self.gan_classifier = None
         if c.gan_weight > 0:
+            self.gan_features, self.gan_sigma = teacher.features, c.gan_sigma
+            if c.gan_classifier:
+                self.gan_classifier = load_gan_classifier(c.gan_classifier, teacher.net)
+                self.gan_features = lambda x, _sigma, _cond: self.gan_classifier.feature_maps(x)
+                self.gan_sigma = 0.0 if c.gan_sigma is None else c.gan_sigma  # as it trained
             self.discriminator = self.build_discriminator(teacher)
             self.auxiliary = (self.discriminator,
                               torch.optim.Adam(self.discriminator.parameters(), lr=cfg.train.lr,
@@ -236,7 +275,7 @@ class CTMTraining:
         x = torch.zeros(2, *network_sample_shape(teacher.net))
         cond = None if self.null_cond is None else self.null_cond.expand(2, *self.null_cond.shape)
         with torch.no_grad():
-            return FeatureDiscriminator.for_features(teacher.features(x, torch.ones(2), cond))
+            return FeatureDiscriminator.for_features(self.gan_features(x, torch.ones(2), cond))
 
     def gan_active(self, step: int) -> bool:
         return self.cfg.ctm.gan_weight > 0 and step >= self.cfg.ctm.gan_start
@@ -274,6 +313,8 @@ class CTMTraining:
         device, n = x0.device, x0.shape[0]
         self.teacher.to(device)
         self.target.to(device)
+        if self.gan_classifier is not None:
+            self.gan_classifier.to(device)
         grid = self.grid.to(device)
         if cond is not None:
             cond = drop_conditions(cond, self.null_cond, self.cfg.train.cond_dropout)
@@ -322,8 +363,8 @@ class CTMTraining:
             generated = self.one_step_samples(x0, cond)
             if self.gan_active(step):
                 with frozen(self.discriminator):  # its gradient reaches the student only
-                    loss_aux = -discriminator_logits(self.teacher, self.discriminator,
-                                                     generated, cond, c.gan_sigma).mean()
+                    loss_aux = -discriminator_logits(self.gan_features, self.discriminator,
+                                                     generated, cond, self.gan_sigma).mean()
                 name, aux_weight = "gan", c.gan_weight
             else:
                 sigma = dm_sigmas(n, self.dm_grid).to(device)
@@ -359,11 +400,11 @@ class CTMTraining:
                                   self.generated_cond, sigma_data=self.teacher.sigma_data)
             return loss, {"fake_dsm": loss.detach()}
         discriminator = self.auxiliary[0]  # as the loop prepared it (DDP-wrapped on GPUs)
-        sigma = self.cfg.ctm.gan_sigma
-        real = discriminator_logits(self.teacher, discriminator,
+        sigma = self.gan_sigma
+        real = discriminator_logits(self.gan_features, discriminator,
                                     self.teacher_pipe.encode(batch[0]), self.generated_cond,
                                     sigma)
-        fake = discriminator_logits(self.teacher, discriminator, self.generated,
+        fake = discriminator_logits(self.gan_features, discriminator, self.generated,
                                     self.generated_cond, sigma)
         loss = hinge_discriminator_loss(real, fake)
         return loss, {"disc": loss.detach(), "d_real": real.mean().detach(),
