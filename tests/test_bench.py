@@ -135,6 +135,12 @@ def test_markdown_table():
     md = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu", "num_samples": 10,
                            "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row]})
     assert "| teacher | heun | 10 | 35 |" in md and "(quick)" in md
+    timed = results_markdown({"preset": "toy2d", "quick": True, "device": "cpu",
+                              "num_samples": 10, "repeats": 1, "timing_batch": 4,
+                              "train_seconds": {"ctm": 120, "ctm-l2": 60, "old": 30},
+                              "train_quiet": {"ctm": False, "ctm-l2": True, "old": None},
+                              "rows": [row]})
+    assert "Training time: ctm 2.0 min (beside other work), ctm-l2 1.0 min, old 0.5 min." in timed
     calibrated = {"preset": "digits", "quick": True, "device": "cpu", "num_samples": 10,
                   "repeats": 1, "timing_batch": 4, "train_seconds": {}, "rows": [row],
                   "calibration": {"ctm": {"0": {"one_step_sigma": 10.0, "refused": ["5"],

@@ -32,3 +32,29 @@ def test_lr_decay_is_flat_or_a_cosine_to_zero_at_the_last_step():
     assert lr_decay("cosine", 50, 100) == pytest.approx(0.5)
     assert lr_decay("cosine", 100, 100) == pytest.approx(0.0, abs=1e-12)
     assert lr_decay("cosine", 150, 100) == pytest.approx(0.0, abs=1e-12)  # a resume past the end
+
+
+@pytest.mark.parametrize("load, quiet", [(0.0, True), (50.0, False)])
+def test_train_time_says_whether_the_machine_was_quiet(tmp_path, monkeypatch, load, quiet):
+    """train_time.json keeps the machine's mean load while the run trained and whether that
+    was quiet (at most the run's own threads + QUIET_LOAD_MARGIN), so that a time measured
+    beside other work is not read as the run's speed."""
+    import json
+
+    import numpy as np
+
+    from gendistill.config import Config, build, validate
+    from gendistill.train import run_training
+    from gendistill.training import loop
+
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x=np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32))
+    monkeypatch.setattr(loop, "machine_load", lambda: load)
+    cfg = validate(build(Config, dict(
+        method="teacher", output_dir=str(tmp_path / "run"), data=dict(name="npz", path=str(npz)),
+        network=dict(width=16, depth=1), train=dict(max_steps=3, batch_size=16,
+                                                    checkpoint_every=0, threads=1))))
+    run_training(cfg)
+    timing = json.loads((tmp_path / "run" / "train_time.json").read_text())
+    assert timing["mean_load"] == load and timing["own_threads"] == 1
+    assert timing["quiet"] is quiet

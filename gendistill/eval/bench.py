@@ -619,7 +619,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
     folders = {name: teacher_folder(name, config, extra, cache_dir, log)
                for name, config in teachers.items()}
     runs = {name: {None: folder} for name, folder in folders.items()}  # source -> seed -> model
-    train_seconds, calibration = {}, {}
+    train_seconds, train_quiet, calibration = {}, {}, {}
     for key, student in preset.students.items():
         runs[key] = {seed: train_cached(key, student.config,
                                         student.overrides + extra
@@ -634,7 +634,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
                                 for seed, folder in runs[key].items()}
         timing = folders[key].parent / "train_time.json"
         if timing.is_file():
-            train_seconds[key] = json.loads(timing.read_text())["seconds"]
+            record = json.loads(timing.read_text())
+            train_seconds[key], train_quiet[key] = record["seconds"], record.get("quiet")
 
     test = load_dataset(preset.dataset, "test")
     timing_conditions = spread(test.captions if test.captions else test.y.tolist(),
@@ -708,6 +709,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         "num_samples": num_samples, "eval_seeds": list(eval_seeds),
         "timing_batch": preset.timing_batch, "repeats": repeats,
         "train_seconds": train_seconds,
+        "train_quiet": train_quiet,  # False: trained beside other work; None: not recorded
         "models": {k: str(v) for k, v in folders.items()},
         "seed_models": {k: {str(seed): str(f) for seed, f in r.items()}
                         for k, r in runs.items() if len(r) > 1},
@@ -873,6 +875,8 @@ def results_markdown(results: dict) -> str:
     if floor is not None:
         lines += ["", f"Reference: {score_name} of real data against real data = {floor:.4g}."]
     if results["train_seconds"]:
+        busy = results.get("train_quiet", {})
         lines += ["", "Training time: " + ", ".join(
-            f"{k} {v / 60:.1f} min" for k, v in results["train_seconds"].items()) + "."]
+            f"{k} {v / 60:.1f} min" + (" (beside other work)" if busy.get(k) is False else "")
+            for k, v in results["train_seconds"].items()) + "."]
     return "\n".join(lines) + "\n"

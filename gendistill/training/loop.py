@@ -166,6 +166,20 @@ def run_lock(out: Path, is_main: bool):
         lock.unlink(missing_ok=True)
 
 
+# A run is timed on a quiet machine when the mean 1-minute load average while it trained is at
+# most its own threads plus this much (a second busy process adds about one per thread).
+QUIET_LOAD_MARGIN = 0.75
+
+
+def machine_load() -> float:
+    """The 1-minute load average (processes running or waiting for a core); 0 where the OS
+    has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
 def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -> Path:
     """Run ``cfg.train.max_steps`` optimiser steps; return the exported model folder."""
     out = Path(cfg.output_dir)
@@ -254,6 +268,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     bar = tqdm(total=tc.max_steps, initial=counter.step, desc=f"{cfg.method}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start, seconds_before = time.time(), counter.seconds
+    loads = []  # the machine's load while this process trains (quiet or beside other work)
 
     def checkpoint():
         counter.seconds = seconds_before + time.time() - start
@@ -315,6 +330,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             method.after_step(counter.step)
         counter.step += 1
         bar.update(1)
+        loads.append(machine_load())
         if counter.step % tc.log_every == 0 or counter.step == tc.max_steps:
             logs = {"loss": loss.item(), **{k: float(v) for k, v in latest.items()},
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
@@ -338,10 +354,14 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
         # seconds: the whole run's training time, over every resume; seconds_this_run: this
         # process's part, from resumed_at
         this_run = time.time() - start
+        own = torch.get_num_threads() * accelerator.num_processes
+        mean_load = sum(loads) / max(len(loads), 1)
         (out / "train_time.json").write_text(json.dumps(
             {"steps": tc.max_steps, "resumed_at": first_step,
              "seconds": round(seconds_before + this_run, 2),
-             "seconds_this_run": round(this_run, 2), "device": str(accelerator.device)}))
+             "seconds_this_run": round(this_run, 2), "device": str(accelerator.device),
+             "mean_load": round(mean_load, 2), "own_threads": own,
+             "quiet": mean_load <= own + QUIET_LOAD_MARGIN}))
         log.info("saved %s", final)
     accelerator.wait_for_everyone()  # every rank returns once the model is exported
     # the trackers end here; the process group stays for what the run does next (MSD's next
