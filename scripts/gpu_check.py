@@ -63,7 +63,7 @@ def sample_check(model: Path, cpu: bool) -> dict:
 
 def sampling_speed(student: Path | None, cpu: bool, batch: int) -> dict:
     from gendistill.assets import ASSETS
-    from gendistill.eval.bench import time_pipeline
+    from gendistill.eval.bench import time_pipelines
     from gendistill.pipelines import load_pipeline
 
     device = "cpu" if cpu else "cuda"
@@ -71,7 +71,7 @@ def sampling_speed(student: Path | None, cpu: bool, batch: int) -> dict:
 
     def ms_per_sample(pipe, call: dict) -> float:
         pipe.set_progress_bar_config(disable=True)
-        return round(time_pipeline(pipe.to(device), labels, call, repeats=5)[1], 4)
+        return round(time_pipelines([(pipe.to(device), call)], labels, repeats=5)[0][1], 4)
 
     report = {"batch": batch, "teacher_heun18_ms": ms_per_sample(
         load_pipeline(ASSETS / "teachers" / "digits"), {"num_inference_steps": 18})}

@@ -289,3 +289,23 @@ def test_guidance_response_is_zero_for_a_student_blind_to_omega():
         float((a - b).pow(2).mean().sqrt()))
     torch.nn.init.normal_(student.unet.guidance_embedding.linear_2.weight, std=0.1)
     assert guidance_response(student, labels, one, 1.0, 5.0) > 0
+
+
+def test_rows_are_timed_in_interleaved_rounds(monkeypatch):
+    """time_pipelines times one call of each pipeline per round (a drift of the machine's
+    speed then hits every row alike), each at least ``repeats`` times and until min_seconds
+    of it are timed; per-sample milliseconds of a 4-step call exceed a 1-step call's."""
+    import gendistill.generate as generate
+    from gendistill.assets import ASSETS
+    from gendistill.eval.bench import time_pipelines
+    from gendistill.pipelines import load_pipeline
+
+    teacher = load_pipeline(ASSETS / "teachers" / "toy2d")
+    teacher.set_progress_bar_config(disable=True)
+    order, real = [], generate.sample
+    monkeypatch.setattr(generate, "sample", lambda pipe, *a, **call: order.append(
+        call["num_inference_steps"]) or real(pipe, *a, **call))
+    calls = [(teacher, {"num_inference_steps": 1}), (teacher, {"num_inference_steps": 4})]
+    (fast, _), (slow, _) = time_pipelines(calls, [0, 1, 2, 3] * 16, repeats=3, min_seconds=0)
+    assert order == [1, 4] * 4  # the warm-ups, then three rounds
+    assert slow > fast > 0

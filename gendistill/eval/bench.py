@@ -417,36 +417,49 @@ def spread(conditions: list, n: int) -> list:
     return [conditions[i * len(conditions) // n] for i in range(n)]
 
 
-def time_pipeline(pipe, conditions: list, call: dict, repeats: int,
-                  min_seconds: float = 1.0) -> tuple[float, float]:
-    """Median milliseconds per sample of one pipeline call on a batch of ``conditions``:
-    (end to end, the model alone). End to end adds the vocoder of audio pipelines, timed on
-    the call's own output. At least ``repeats`` calls, and more until ``min_seconds`` have been
-    timed: a 1-step call takes milliseconds, and five of them gave a median that moved by 15 %
-    between runs of the same model."""
+def time_pipelines(calls: list[tuple], conditions: list, repeats: int,
+                   min_seconds: float = 1.0) -> list[tuple[float, float]]:
+    """Median milliseconds per sample of each ``(pipeline, call)`` on a batch of
+    ``conditions``: (end to end, the model alone). End to end adds the vocoder of audio
+    pipelines, timed on the call's own output. Each call is timed at least ``repeats`` times
+    and more until ``min_seconds`` have been timed (five 1-step calls gave a median that moved
+    15 % between runs), in rounds of one call of each pipeline still short of that, so that a
+    drift of the machine's speed hits the rows alike (timed one row after the other, rows of
+    one network read up to 18 % apart)."""
     from ..generate import sample
 
     text = isinstance(conditions[0], str)
     args = (None, conditions) if text else (conditions, None)
-    sample(pipe, *args, 1, 0, **call)  # warm-up
-    vocoder = getattr(pipe, "vocoder", None)
-    # CUDA runs asynchronously: the clock is read once the device has finished
-    finish = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
-    model, total = [], []
-    while len(total) < repeats or (sum(total) < min_seconds and len(total) < 100 * repeats):
-        finish()
-        start = time.perf_counter()
-        output = sample(pipe, *args, 1, len(total), **call)
-        finish()
-        model.append(time.perf_counter() - start)
-        if vocoder is not None:
-            vocoder(output.latents)
+    for pipe, call in calls:
+        sample(pipe, *args, 1, 0, **call)  # warm-up
+    model = [[] for _ in calls]
+    total = [[] for _ in calls]
+
+    def short(i: int) -> bool:
+        done = len(total[i])
+        return done < repeats or (sum(total[i]) < min_seconds and done < 100 * repeats)
+
+    while any(short(i) for i in range(len(calls))):
+        for i, (pipe, call) in enumerate(calls):
+            if not short(i):
+                continue
+            vocoder = getattr(pipe, "vocoder", None)
+            # CUDA runs asynchronously: the clock is read once the device has finished
+            finish = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
             finish()
-            total.append(time.perf_counter() - start)
-        else:  # the same call: one clock reading, so the two columns agree exactly
-            total.append(model[-1])
+            start = time.perf_counter()
+            output = sample(pipe, *args, 1, len(total[i]), **call)
+            finish()
+            model[i].append(time.perf_counter() - start)
+            if vocoder is not None:
+                vocoder(output.latents)
+                finish()
+                total[i].append(time.perf_counter() - start)
+            else:  # the same call: one clock reading, so the two columns agree exactly
+                total[i].append(model[i][-1])
     per_sample = 1000 / len(conditions)
-    return per_sample * statistics.median(total), per_sample * statistics.median(model)
+    return [(per_sample * statistics.median(t), per_sample * statistics.median(m))
+            for t, m in zip(total, model)]
 
 
 VOCODERS = {"before (least squares, 64 Griffin-Lim)": {"griffin_lim_iters": 64,
@@ -641,7 +654,7 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
     timing_conditions = spread(test.captions if test.captions else test.y.tolist(),
                                preset.timing_batch)
     num_samples = preset.quick_num_samples if quick else preset.num_samples
-    pipes, rows, samples = {}, [], {}
+    pipes, rows, samples, timed = {}, [], {}, []
     for row in preset.rows:
         for folder in runs[row.source].values():
             if folder not in pipes:
@@ -657,7 +670,6 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             evaluations = [[evaluate_pipeline(pipes[folder], preset.dataset, num_samples,
                                               seed=seed, progress=False, **call)
                             for seed in eval_seeds] for folder in runs[row.source].values()]
-            ms, ms_model = time_pipeline(pipe, timing_conditions, call, repeats)
         result = mean_result([r for runs_of_seed in evaluations for r in runs_of_seed])
         scores = [[round(float(r["score"]), 5) for r in runs_of_seed]
                   for runs_of_seed in evaluations]
@@ -672,8 +684,8 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
             "model": row.model, "method": row.method, "teacher": preset.reference(row),
             "guidance": guidance,
             "params": student_parameters(pipe),
-            "nfe": int(round(result["nfe"])), "ms_per_sample": round(ms, 4),
-            "ms_per_sample_model": round(ms_model, 4),
+            "nfe": int(round(result["nfe"])), "ms_per_sample": None,  # timed below
+            "ms_per_sample_model": None,
             "speedup": None, "score_name": result["score_name"],
             "score": round(float(result["score"]), 5), "score_ratio": None,
             **score_spread(scores),
@@ -688,6 +700,12 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
                if result.get(k) is not None}, **extra,
         })
         samples[f"{row.model}/{row.method}"] = (pipe, call)
+        timed.append((pipe, call))
+    log(f"timing {len(rows)} rows at batch {len(timing_conditions)}, interleaved")
+    with torch.no_grad():
+        timings = time_pipelines(timed, timing_conditions, repeats)
+    for r, (ms, ms_model) in zip(rows, timings):
+        r["ms_per_sample"], r["ms_per_sample_model"] = round(ms, 4), round(ms_model, 4)
     for r in rows:
         base = teacher_row_for(rows, r)
         r["speedup"] = round(base["ms_per_sample"] / r["ms_per_sample"], 2)
