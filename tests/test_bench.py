@@ -292,9 +292,12 @@ def test_guidance_response_is_zero_for_a_student_blind_to_omega():
 
 
 def test_rows_are_timed_in_interleaved_rounds(monkeypatch):
-    """time_pipelines times one call of each pipeline per round (a drift of the machine's
-    speed then hits every row alike), each at least ``repeats`` times and until min_seconds
-    of it are timed; per-sample milliseconds of a 4-step call exceed a 1-step call's."""
+    """time_pipelines times the pipelines in rounds (a drift of the machine's speed then hits
+    every row alike), each at least ``repeats`` times and until min_seconds of it are timed;
+    per round a fast call is repeated for min_seconds / repeats, so a slow and a fast row end
+    after the same rounds. Per-sample milliseconds of a 4-step call exceed a 1-step call's."""
+    import itertools
+
     import gendistill.generate as generate
     from gendistill.assets import ASSETS
     from gendistill.eval.bench import time_pipelines
@@ -307,5 +310,12 @@ def test_rows_are_timed_in_interleaved_rounds(monkeypatch):
         call["num_inference_steps"]) or real(pipe, *a, **call))
     calls = [(teacher, {"num_inference_steps": 1}), (teacher, {"num_inference_steps": 4})]
     (fast, _), (slow, _) = time_pipelines(calls, [0, 1, 2, 3] * 16, repeats=3, min_seconds=0)
-    assert order == [1, 4] * 4  # the warm-ups, then three rounds
+    assert order == [1, 4] * 4  # the warm-ups, then three rounds of one call each
     assert slow > fast > 0
+    order.clear()
+    slowest = [(teacher, {"num_inference_steps": 40})]
+    time_pipelines(calls[:1] + slowest, [0, 1, 2, 3] * 16, repeats=3, min_seconds=0.3)
+    rounds = [(steps, len(list(run))) for steps, run in itertools.groupby(order[2:])]
+    assert [steps for steps, _ in rounds] == [1, 40] * (len(rounds) // 2)  # alternating
+    assert all(n > 1 for steps, n in rounds if steps == 1)  # several fast calls per round
+    assert order[2:].count(40) == len(rounds) // 2 >= 3  # the slow row is in every round

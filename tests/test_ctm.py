@@ -856,6 +856,14 @@ def test_gan_heads_on_a_classifier_read_its_maps_of_the_clean_samples(tmp_path):
                                                       f"ctm.gan_classifier={tmp_path}"])
     with pytest.raises(ConfigError, match="ctm.gan_classifier: .*no domain classifier"):
         CTMTraining(missing, teacher, teacher.null_condition())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    (foreign / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="has no input_shape.*not a classifier folder"):
+        CTMTraining(load_config("configs/ctm/digits.yaml", [
+            "ctm.gan_weight=0.1", f"ctm.gan_classifier={foreign}"]), teacher,
+            teacher.null_condition())
     toy = load_pipeline(ASSETS / "teachers" / "toy2d")
     other = load_config("configs/ctm/toy2d.yaml", [f"ctm.gan_classifier={folder}"])
     with pytest.raises(ConfigError, match=r"takes inputs of shape \(1, 8, 8\), the teacher's"):

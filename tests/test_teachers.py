@@ -300,6 +300,15 @@ def test_latent_teacher_is_distilled_in_latent_space_and_decoded_by_its_vae(tmp_
     wave, rate = sf.read(tmp_path / "beep.wav")
     assert rate == student.vocoder.config.sample_rate
     assert len(wave) == student.vocoder.config.num_samples and np.isfinite(wave).all()
+    # a classifier's features judge images: a latent teacher's samples are latents
+    from gendistill.config import ConfigError, load_config
+    from gendistill.methods.ctm import CTMTraining
+
+    cfg = load_config("configs/ctm/synthsounds.yaml", [
+        f"teacher={tmp_path / 'teacher'}", "ctm.num_grid=4", "ctm.max_jump=2",
+        "ctm.gan_weight=0.1", f"ctm.gan_classifier={tmp_path / 'classifier'}"])
+    with pytest.raises(ConfigError, match="would judge the latent teacher's latents"):
+        CTMTraining(cfg, teacher, teacher.null_condition())
 
 
 def tiny_stable_diffusion(folder, cross_attention_dim: int = 32):

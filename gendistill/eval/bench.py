@@ -311,29 +311,34 @@ PRESETS = {
 }
 
 
+FOLDER_KEYS = ("teacher", "ctm.gan_classifier")
+
+
 def config_hash(cfg) -> str:
     """A hash of what the run trains: the keys that differ from their defaults (so a key added
-    in a later version does not invalidate the cache) and the teacher's weights, not where the
-    run writes or whether it resumed."""
+    in a later version does not invalidate the cache) and the weights of the teacher and the
+    other folders it reads, not where the run writes or whether it resumed."""
     defaults = flatten(to_dict(Config()))
     values = {k: v for k, v in flatten(to_dict(cfg)).items()
               if k not in ("output_dir", "train.resume") and v != defaults.get(k)}
-    if values.get("teacher"):
-        weights = sorted(Path(values["teacher"]).rglob("*.safetensors"))
-        values["teacher"] = [hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in weights]
+    for key in FOLDER_KEYS:  # a folder is what its weights are, not where it lies
+        if values.get(key):
+            weights = sorted(Path(values[key]).rglob("*.safetensors"))
+            values[key] = [hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in weights]
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def stale_keys(folder: Path, cfg) -> list[str]:
     """How a cached run's config.json differs from ``cfg`` ("key (cached -> now)"), leaving
-    out where it ran, on how many threads and whether it resumed, and the teacher's path (the
-    hash reads its weights)."""
+    out where it ran, on how many threads and whether it resumed, and the paths of the teacher
+    and other folders (the hash reads their weights)."""
     saved_file = folder / "config.json"
     if not saved_file.is_file():
         return []
     return list(changed_keys(json.loads(saved_file.read_text()), cfg,
-                             {"output_dir", "train.resume", "train.threads", "teacher"}).values())
+                             {"output_dir", "train.resume", "train.threads",
+                              *FOLDER_KEYS}).values())
 
 
 def train_cached(name: str, config: str, overrides: list[str], cache_dir: Path, log) -> Path:
@@ -423,9 +428,10 @@ def time_pipelines(calls: list[tuple], conditions: list, repeats: int,
     ``conditions``: (end to end, the model alone). End to end adds the vocoder of audio
     pipelines, timed on the call's own output. Each call is timed at least ``repeats`` times
     and more until ``min_seconds`` have been timed (five 1-step calls gave a median that moved
-    15 % between runs), in rounds of one call of each pipeline still short of that, so that a
-    drift of the machine's speed hits the rows alike (timed one row after the other, rows of
-    one network read up to 18 % apart)."""
+    15 % between runs), in rounds: per round each pipeline still short of that gets calls for
+    ``min_seconds / repeats`` (at least one), so a slow teacher and a fast student finish
+    after about the same rounds, and a drift of the machine's speed hits every row alike
+    (timed one row after the other, rows of one network read up to 18 % apart)."""
     from ..generate import sample
 
     text = isinstance(conditions[0], str)
@@ -441,22 +447,23 @@ def time_pipelines(calls: list[tuple], conditions: list, repeats: int,
 
     while any(short(i) for i in range(len(calls))):
         for i, (pipe, call) in enumerate(calls):
-            if not short(i):
-                continue
             vocoder = getattr(pipe, "vocoder", None)
             # CUDA runs asynchronously: the clock is read once the device has finished
             finish = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
-            finish()
-            start = time.perf_counter()
-            output = sample(pipe, *args, 1, len(total[i]), **call)
-            finish()
-            model[i].append(time.perf_counter() - start)
-            if vocoder is not None:
-                vocoder(output.latents)
+            this_round = 0.0
+            while short(i) and (this_round == 0 or this_round < min_seconds / repeats):
                 finish()
-                total[i].append(time.perf_counter() - start)
-            else:  # the same call: one clock reading, so the two columns agree exactly
-                total[i].append(model[i][-1])
+                start = time.perf_counter()
+                output = sample(pipe, *args, 1, len(total[i]), **call)
+                finish()
+                model[i].append(time.perf_counter() - start)
+                if vocoder is not None:
+                    vocoder(output.latents)
+                    finish()
+                    total[i].append(time.perf_counter() - start)
+                else:  # the same call: one clock reading, so the two columns agree exactly
+                    total[i].append(model[i][-1])
+                this_round += total[i][-1]
     per_sample = 1000 / len(conditions)
     return [(per_sample * statistics.median(t), per_sample * statistics.median(m))
             for t, m in zip(total, model)]
@@ -648,7 +655,9 @@ def run_bench(preset: str | Preset, out: Path, quick: bool = False,
         timing = folders[key].parent / "train_time.json"
         if timing.is_file():
             record = json.loads(timing.read_text())
-            train_seconds[key], train_quiet[key] = record["seconds"], record.get("quiet")
+            # quiet is known for the last part only: a resumed run's is unknown
+            train_seconds[key] = record["seconds"]
+            train_quiet[key] = record.get("quiet") if not record.get("resumed_at") else None
 
     test = load_dataset(preset.dataset, "test")
     timing_conditions = spread(test.captions if test.captions else test.y.tolist(),
@@ -778,7 +787,7 @@ def results_markdown(results: dict) -> str:
         "",
         f"Device: {results['device']}. Scores on {results['num_samples']} samples; speed is the "
         f"median of at least {results['repeats']} calls (and at least 1 s of them) at batch "
-        f"{results['timing_batch']}. "
+        f"{results['timing_batch']}, the rows timed in interleaved rounds. "
         f"`speedup` and `score_ratio` are relative to the teacher's Heun row at the same "
         f"guidance scale ω "
         f"(lower {score_name} is better). Precision and recall: k-NN (k = 5), higher is better; "

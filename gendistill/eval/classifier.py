@@ -70,7 +70,7 @@ class DomainClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) model-space inputs -> (B, feature_dim) penultimate features."""
-        return self.hidden(self.conv(x.float()))
+        return self.feature_maps(x)[-1]
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each level's pooled (B, C, H, W) map and the (B, feature_dim) features: what a
@@ -236,6 +236,10 @@ def load_classifier_from(folder: str | Path) -> DomainClassifier:
         raise FileNotFoundError(f"no domain classifier at {folder} (needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME})")
     cfg = json.loads(cfg_path.read_text())
+    missing = [k for k in ("input_shape", "num_classes", "channels", "feature_dim") if k not in cfg]
+    if missing:
+        raise ValueError(f"{cfg_path} has no {', '.join(missing)}: not a classifier folder of "
+                         f"`gendistill train-classifier`")
     model = DomainClassifier(cfg["input_shape"][0], cfg["num_classes"], cfg["channels"],
                              cfg["feature_dim"], pool=cfg.get("pool", "max"),
                              final_pool=cfg.get("final_pool", 2), norm=cfg.get("norm", False))

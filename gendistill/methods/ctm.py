@@ -163,19 +163,25 @@ def discriminator_logits(features, discriminator, x, cond=None,
         return discriminator(features(x, sigma, cond))
 
 
-def load_gan_classifier(folder: str, teacher_net) -> nn.Module:
+def load_gan_classifier(folder: str, teacher_pipe) -> nn.Module:
     """The frozen classifier whose feature maps the GAN term's heads read (``ctm.gan_classifier``,
-    a folder of ``gendistill train-classifier --out``); it takes the teacher's samples. A
-    shipped domain classifier is allowed with a warning: the domain FID reads its features, and
-    a GAN on the scoring network's features can game the score."""
+    a folder of ``gendistill train-classifier --out``); it takes the teacher's samples, so a
+    latent teacher (whose samples are latents) is refused. A shipped domain classifier is
+    allowed with a warning: the domain FID reads its features, and a GAN on the scoring
+    network's features can game the score."""
     from ..eval.classifier import RECIPES, classifier_dir, load_classifier_from
     from ..pipelines.base import network_sample_shape
 
+    if getattr(teacher_pipe, "vae", None) is not None:
+        raise ConfigError(f"ctm.gan_classifier: {folder} would judge the latent teacher's "
+                          f"latents, not images; use the teacher's features (unset it)")
     try:
         classifier = load_classifier_from(folder)
     except Exception as error:  # a missing, foreign or corrupt folder: the user's input
-        raise ConfigError(f"ctm.gan_classifier: {folder}: {error}") from None
-    shape, expected = tuple(classifier.config["input_shape"]), network_sample_shape(teacher_net)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"ctm.gan_classifier: {folder}: {first_line}") from None
+    shape = tuple(classifier.config["input_shape"])
+    expected = network_sample_shape(teacher_pipe.network)
     if shape != tuple(expected):
         raise ConfigError(f"ctm.gan_classifier: {folder} takes inputs of shape {shape}, the "
                           f"teacher's samples have shape {tuple(expected)}")
@@ -252,7 +258,7 @@ class CTMTraining:
         if c.gan_weight > 0:
             self.gan_features, self.gan_sigma = teacher.features, c.gan_sigma
             if c.gan_classifier:
-                self.gan_classifier = load_gan_classifier(c.gan_classifier, teacher.net)
+                self.gan_classifier = load_gan_classifier(c.gan_classifier, teacher_pipe)
                 self.gan_features = lambda x, _sigma, _cond: self.gan_classifier.feature_maps(x)
                 self.gan_sigma = 0.0 if c.gan_sigma is None else c.gan_sigma  # as it trained
             self.discriminator = self.build_discriminator(teacher)

@@ -166,18 +166,47 @@ def run_lock(out: Path, is_main: bool):
         lock.unlink(missing_ok=True)
 
 
-# A run is timed on a quiet machine when the mean 1-minute load average while it trained is at
-# most its own threads plus this much (a second busy process adds about one per thread).
-QUIET_LOAD_MARGIN = 0.75
+# A run trained beside other work when the machine's 1-minute load average, less the cores the
+# run's own processes kept busy, exceeded this on average (another busy thread adds about one).
+# The load average lags by a minute, so it is read from the run's second minute on.
+OTHER_LOAD_MARGIN = 0.75
+LOAD_LAG_SECONDS = 60.0
 
 
-def machine_load() -> float:
-    """The 1-minute load average (processes running or waiting for a core); 0 where the OS
-    has none."""
+def machine_load() -> float | None:
+    """The 1-minute load average (threads running or waiting for a core); None where the OS
+    has none (Windows)."""
     try:
         return os.getloadavg()[0]
-    except OSError:
-        return 0.0
+    except (OSError, AttributeError):
+        return None
+
+
+class LoadRecord:
+    """The machine's load while this process trains, and the cores the run itself used."""
+
+    def __init__(self):
+        self.start = time.time()
+        self.loads, self.first = [], None  # first: (wall, cpu) clocks at the first reading
+
+    def read(self):
+        load = machine_load()
+        if load is None or time.time() - self.start < LOAD_LAG_SECONDS:
+            return
+        if self.first is None:
+            self.first = (time.time(), time.process_time())
+        self.loads.append(load)
+
+    def summary(self) -> dict:
+        """mean_load, own_cores (this node's training processes) and quiet; None where the
+        run was too short or the OS gives no load."""
+        if self.first is None or len(self.loads) < 2:
+            return {"mean_load": None, "own_cores": None, "quiet": None}
+        wall, cpu = time.time() - self.first[0], time.process_time() - self.first[1]
+        own = cpu / max(wall, 1e-9) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        mean_load = sum(self.loads) / len(self.loads)
+        return {"mean_load": round(mean_load, 2), "own_cores": round(own, 2),
+                "quiet": mean_load - own <= OTHER_LOAD_MARGIN}
 
 
 def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -> Path:
@@ -268,7 +297,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     bar = tqdm(total=tc.max_steps, initial=counter.step, desc=f"{cfg.method}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start, seconds_before = time.time(), counter.seconds
-    loads = []  # the machine's load while this process trains (quiet or beside other work)
+    load = LoadRecord()  # quiet, or beside other work
 
     def checkpoint():
         counter.seconds = seconds_before + time.time() - start
@@ -330,7 +359,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             method.after_step(counter.step)
         counter.step += 1
         bar.update(1)
-        loads.append(machine_load())
+        load.read()
         if counter.step % tc.log_every == 0 or counter.step == tc.max_steps:
             logs = {"loss": loss.item(), **{k: float(v) for k, v in latest.items()},
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
@@ -354,14 +383,11 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
         # seconds: the whole run's training time, over every resume; seconds_this_run: this
         # process's part, from resumed_at
         this_run = time.time() - start
-        own = torch.get_num_threads() * accelerator.num_processes
-        mean_load = sum(loads) / max(len(loads), 1)
         (out / "train_time.json").write_text(json.dumps(
             {"steps": tc.max_steps, "resumed_at": first_step,
              "seconds": round(seconds_before + this_run, 2),
              "seconds_this_run": round(this_run, 2), "device": str(accelerator.device),
-             "mean_load": round(mean_load, 2), "own_threads": own,
-             "quiet": mean_load <= own + QUIET_LOAD_MARGIN}))
+             **load.summary()}))  # of this part (seconds_this_run)
         log.info("saved %s", final)
     accelerator.wait_for_everyone()  # every rank returns once the model is exported
     # the trackers end here; the process group stays for what the run does next (MSD's next
