@@ -870,7 +870,7 @@ def test_gan_heads_on_a_classifier_read_its_maps_of_the_clean_samples(tmp_path):
         CTMTraining(other, toy, toy.null_condition())
 
 
-def test_a_term_that_starts_after_the_last_step_is_warned_about(caplog):
+def test_a_term_that_starts_after_the_last_step_is_warned_about(caplog, monkeypatch):
     """The toy2d config's GAN term starts at step 2,000: a 1,000-step run of it trains without
     the term, which is allowed (short toy runs) but said."""
     import logging
@@ -888,3 +888,28 @@ def test_a_term_that_starts_after_the_last_step_is_warned_about(caplog):
         CTMTraining(short, teacher, teacher.null_condition())
     assert "ctm.gan_start (2000) is not below train.max_steps (1000): this run trains without " \
         "the GAN term" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("RANK", "1")  # the other processes of a multi-process run stay quiet
+    with caplog.at_level(logging.WARNING, logger="gendistill.methods.ctm"):
+        CTMTraining(short, teacher, teacher.null_condition())
+    assert not caplog.records
+
+
+def test_a_gan_on_the_scoring_classifier_is_warned_about(caplog):
+    """The shipped domain classifier is what the domain FID reads: a GAN on its features is
+    allowed (a user's choice) but said, since that score then no longer judges independently."""
+    import logging
+
+    from gendistill.assets import ASSETS
+    from gendistill.config import load_config
+    from gendistill.eval.classifier import classifier_dir
+    from gendistill.methods.ctm import CTMTraining
+    from gendistill.pipelines import load_pipeline
+
+    teacher = load_pipeline(ASSETS / "teachers" / "digits")
+    cfg = load_config("configs/ctm/digits.yaml", [
+        "ctm.gan_weight=0.1", f"ctm.gan_classifier={classifier_dir('digits')}"])
+    with caplog.at_level(logging.WARNING, logger="gendistill.methods.ctm"):
+        method = CTMTraining(cfg, teacher, teacher.null_condition())
+    assert "is a shipped domain classifier: the domain FID reads its features" in caplog.text
+    assert method.gan_classifier is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -185,7 +186,8 @@ def load_gan_classifier(folder: str, teacher_pipe) -> nn.Module:
     if shape != tuple(expected):
         raise ConfigError(f"ctm.gan_classifier: {folder} takes inputs of shape {shape}, the "
                           f"teacher's samples have shape {tuple(expected)}")
-    if any(Path(folder).resolve() == classifier_dir(name).resolve() for name in RECIPES):
+    if any(Path(folder).resolve() == classifier_dir(name).resolve() for name in RECIPES) \
+            and os.environ.get("RANK", "0") == "0":  # once, not once per process
         log.warning("ctm.gan_classifier %s is a shipped domain classifier: the domain FID reads "
                     "its features, so that score no longer judges this student independently",
                     folder)
@@ -250,7 +252,8 @@ class CTMTraining:
         self.checkpointed = (self.target,)
         for term, weight, start in (("gan", c.gan_weight, c.gan_start),
                                     ("dm", c.dm_weight, c.dm_start)):
-            if weight > 0 and start >= cfg.train.max_steps:  # a short toy run of a config
+            # a short toy run of a config is allowed; said once, not once per process
+            if weight > 0 and start >= cfg.train.max_steps and os.environ.get("RANK", "0") == "0":
                 log.warning("ctm.%s_start (%d) is not below train.max_steps (%d): this run "
                             "trains without the %s term", term, start, cfg.train.max_steps,
                             term.upper())
