@@ -39,7 +39,9 @@ def cmd_train(args) -> int:
     if args.threads is not None and cfg.train.threads is None:
         cfg.train.threads = args.threads
     folder = run_training(cfg)
-    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+    from .training.loop import is_first_process
+
+    if is_first_process():  # one line, not one per process
         print(f"saved {folder}")
     return 0
 

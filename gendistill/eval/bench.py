@@ -445,11 +445,12 @@ def time_pipelines(calls: list[tuple], conditions: list, repeats: int,
         done = len(total[i])
         return done < repeats or (sum(total[i]) < min_seconds and done < 100 * repeats)
 
+    # CUDA runs asynchronously: the clock is read once the device has finished
+    finishes = [torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+                for pipe, _ in calls]
     while any(short(i) for i in range(len(calls))):
-        for i, (pipe, call) in enumerate(calls):
+        for i, ((pipe, call), finish) in enumerate(zip(calls, finishes)):
             vocoder = getattr(pipe, "vocoder", None)
-            # CUDA runs asynchronously: the clock is read once the device has finished
-            finish = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
             this_round = 0.0
             while short(i) and (this_round == 0 or this_round < min_seconds / repeats):
                 finish()

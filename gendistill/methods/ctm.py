@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims,
 from ..models.discriminator import FeatureDiscriminator
 from ..models.student import CTMStudent, guidance_text_width
 from ..training.ema import EMA
-from ..training.loop import frozen, unwrap
+from ..training.loop import frozen, is_first_process, unwrap
 from .dmd2 import (DM_GRID_POINTS, FakeScore, denoising_loss, distribution_matching_loss,
                    dm_sigmas, noised, weighted_error)
 
@@ -187,7 +186,7 @@ def load_gan_classifier(folder: str, teacher_pipe) -> nn.Module:
         raise ConfigError(f"ctm.gan_classifier: {folder} takes inputs of shape {shape}, the "
                           f"teacher's samples have shape {tuple(expected)}")
     if any(Path(folder).resolve() == classifier_dir(name).resolve() for name in RECIPES) \
-            and os.environ.get("RANK", "0") == "0":  # once, not once per process
+            and is_first_process():
         log.warning("ctm.gan_classifier %s is a shipped domain classifier: the domain FID reads "
                     "its features, so that score no longer judges this student independently",
                     folder)
@@ -252,8 +251,8 @@ class CTMTraining:
         self.checkpointed = (self.target,)
         for term, weight, start in (("gan", c.gan_weight, c.gan_start),
                                     ("dm", c.dm_weight, c.dm_start)):
-            # a short toy run of a config is allowed; said once, not once per process
-            if weight > 0 and start >= cfg.train.max_steps and os.environ.get("RANK", "0") == "0":
+            # a short toy run of a config is allowed, but said
+            if weight > 0 and start >= cfg.train.max_steps and is_first_process():
                 log.warning("ctm.%s_start (%d) is not below train.max_steps (%d): this run "
                             "trains without the %s term", term, start, cfg.train.max_steps,
                             term.upper())

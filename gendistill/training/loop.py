@@ -173,6 +173,12 @@ OTHER_LOAD_MARGIN = 0.75
 LOAD_LAG_SECONDS = 60.0
 
 
+def is_first_process() -> bool:
+    """Rank 0 of a multi-process launch (torchrun, accelerate), or a single process: the one
+    that says things once."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def machine_load() -> float | None:
     """The 1-minute load average (threads running or waiting for a core); None where the OS
     has none (Windows)."""
