@@ -116,6 +116,8 @@ class CTMConfig:
     dm_start: int = 0              # the step the DM term and its fake score switch on
     gen_update_ratio: int = 1      # with the DM term: from dm_start the student steps every N
                                    # iterations, the fake score every one (DMD2's rule: 5)
+    student_width: int = 1         # the student's channels (UNet) / width (MLP) x this, widened
+                                   # from the teacher's weights with the same function at step 0
     s_log_scale: float = 0.25      # the student's s embedding reads s_log_scale * ln(s)
     guidance_embed_scale: float = 1000.0  # the omega embedding reads this * omega (LCM's 1000)
     guidance_in_text: bool = False  # omega also scales each caption's token states' departure
@@ -280,7 +282,7 @@ RANGES = {
     "ctm.gan_weight": (0, INF, False), "ctm.gan_start": (0, INF, False),
     "ctm.gan_sigma": (0, INF, True),
     "ctm.dm_weight": (0, INF, False), "ctm.dm_start": (0, INF, False),
-    "ctm.gen_update_ratio": (1, 1000, False),
+    "ctm.gen_update_ratio": (1, 1000, False), "ctm.student_width": (1, 16, False),
     "ctm.s_log_scale": (0, 1e4, True), "ctm.guidance_embed_scale": (0, 1e4, True),
     "ctm.embedding_lr_scale": (0, 1e4, True),
     "msd.num_students": (1, 4096, False), "msd.student": (0, 4095, False),

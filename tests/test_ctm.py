@@ -10,7 +10,7 @@ from torch import nn
 from gendistill.diffusion import EDMDenoiser, karras_sigmas, sample_heun
 from gendistill.methods.ctm import (adaptive_weight, l2_distance, normalized_feature_distance,
                                     sample_ctm_times, teacher_feature_distance, teacher_solve)
-from gendistill.models.networks import build_network
+from gendistill.models.networks import build_network, widen_network
 from gendistill.models.student import CTMStudent
 from gendistill.pipelines import CTMPipeline, CTMScheduler
 from gendistill.pipelines.remote import save_with_remote_code
@@ -46,6 +46,50 @@ def test_untrained_student_is_the_teacher():
         torch.testing.assert_close(student(x, t, t, y, 2.0), x)                 # G(x,t,t) = x
         g = student(x, t, t / 2, y, 1.5, return_denoised=True)
         torch.testing.assert_close(student(x, t, t / 2, y, 1.5), 0.5 * x + 0.5 * g)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_a_widened_network_computes_the_same_function(kind, factor):
+    torch.manual_seed(0)
+    if kind == "unet":  # attention in the second block and the middle, GroupNorm everywhere
+        net, x = tiny_unet(), torch.randn(6, 1, 8, 8)
+    else:
+        net, x = build_network((2,), num_classes=4, width=16, depth=2), torch.randn(6, 2)
+    y, t = torch.tensor([0, 1, 2, 3, 4, 1]), torch.tensor([80.0, 10.0, 3.0, 1.0, 0.3, 0.01])
+    wide = widen_network(net, factor)
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in net.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x, t, y).sample, net(x, t, y).sample,
+                                   atol=2e-5, rtol=1e-4)
+    student = CTMStudent.from_teacher(wide, 0.5, 0.002, embed_guidance=True)
+    with torch.no_grad():  # the wide student is its teacher at step 0
+        torch.testing.assert_close(student(x, t, 0.0, y, 3.0), EDMDenoiser(net, 0.5)(x, t, y),
+                                   atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_widened_copies_learn_apart_only_with_the_split_noise(noise):
+    torch.manual_seed(0)
+    wide = widen_network(tiny_unet(), 2, noise=noise)
+    optimiser = torch.optim.Adam(wide.parameters(), lr=1e-3)
+    x, y, t = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), torch.rand(8) * 5
+    for _ in range(3):
+        optimiser.zero_grad()
+        (wide(x, t, y).sample - x).square().mean().backward()
+        optimiser.step()
+    first = wide.conv_in.weight  # output channel 2c and 2c + 1 are the copies of channel c
+    gap = (first[0::2] - first[1::2]).abs().max().item()
+    assert gap > 1e-5 if noise else gap == 0.0
+
+
+def test_only_unets_and_mlps_widen():
+    dit = build_network((1, 8, 8), num_classes=10, network_type="dit", width=32, depth=1,
+                        heads=2)
+    with pytest.raises(ValueError, match="widening supports"):
+        widen_network(dit, 2)
+    with pytest.raises(ValueError, match="whole number"):
+        widen_network(tiny_unet(), 1.5)
 
 
 def test_student_works_for_mlp_and_text_unets():

@@ -30,6 +30,7 @@ from ..diffusion import (SIGMA_MAX, SIGMA_MIN, Denoiser, append_dims,
                          full_precision, heun_step, karras_sigmas, sample_half_lognormal,
                          sample_lognormal)
 from ..models.discriminator import FeatureDiscriminator
+from ..models.networks import widen_network
 from ..models.student import CTMStudent, guidance_text_width
 from ..training.ema import EMA
 from ..training.loop import frozen, is_first_process, unwrap
@@ -227,7 +228,12 @@ class CTMTraining:
                                   f"ctm.guidance_in_text=false") from None
             if null_cond is None:
                 raise ConfigError("ctm.guidance_in_text needs captions: the data has none")
-        self.model = CTMStudent.from_teacher(teacher.net, teacher.sigma_data, teacher.sigma_min,
+        try:  # a wider student starts as the teacher's function with more units to learn with
+            network = (teacher.net if c.student_width == 1
+                       else widen_network(teacher.net, c.student_width))
+        except ValueError as error:
+            raise ConfigError(f"ctm.student_width={c.student_width}: {error}") from None
+        self.model = CTMStudent.from_teacher(network, teacher.sigma_data, teacher.sigma_min,
                                              embed_guidance=self.distill_guidance,
                                              s_log_scale=c.s_log_scale,
                                              guidance_embed_scale=c.guidance_embed_scale,

@@ -140,3 +140,97 @@ def build_network(data_shape: tuple[int, ...], num_classes: int | None = None,
     up = (attn_up,) * (n - 1) + ("UpBlock2D",)
     return UNet2DModel(down_block_types=down, up_block_types=up,
                        num_class_embeds=num_class_embeds, **common)
+
+
+WIDENABLE = (UNet2DModel, MLPNet)
+
+
+@torch.no_grad()
+def widen_network(network: nn.Module, factor: int, noise: float = 0.1,
+                  generator: torch.Generator | None = None) -> nn.Module:
+    """The network with ``factor`` times its channels (UNet) or hidden width (MLP) computing
+    the same function (Net2WiderNet, Chen et al. 2016): every unit becomes ``factor`` adjacent
+    copies, and a layer reading copies splits each weight among them. The split is uneven by
+    a zero-sum noise of ``noise`` times the weights' spread, so the copies' gradients differ
+    and they learn apart; the output is still the network's exactly (up to rounding).
+
+    GroupNorm keeps its group count, so each group holds the copies of one original group and
+    sees its statistics; a UNet's attention heads double their width with k scaled by
+    1 / sqrt(factor), which keeps q.k / sqrt(head dim); the sinusoidal time features grow to the
+    same frequencies and more, the new ones unread at first."""
+    if not isinstance(network, WIDENABLE):
+        raise ValueError(f"widening supports {', '.join(c.__name__ for c in WIDENABLE)}, "
+                         f"got {type(network).__name__}")
+    k = int(factor)
+    if k != factor or k < 1:
+        raise ValueError(f"the widening factor must be a whole number >= 1, got {factor}")
+    config = dict(network.config)
+    if isinstance(network, MLPNet):
+        config["width"] *= k
+    else:
+        if config.get("time_embedding_type") != "positional" or config.get("freq_shift"):
+            raise ValueError("widening a UNet needs its positional time embedding with "
+                             "freq_shift 0")
+        if config.get("time_embedding_dim") is not None:
+            config["time_embedding_dim"] *= k
+        config["block_out_channels"] = [c * k for c in config["block_out_channels"]]
+        config["attention_head_dim"] = (config.get("attention_head_dim") or 8) * k
+    wide = type(network).from_config(config)
+    old = dict(network.named_modules())
+    keys = {id(module.to_k) for module in wide.modules() if hasattr(module, "to_k")}
+    for name, module in wide.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        source = old[name]
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            module.weight.copy_(repeat_units(source.weight, module.weight.shape, 0))
+            module.bias.copy_(repeat_units(source.bias, module.bias.shape, 0))
+        elif isinstance(module, nn.Embedding):
+            module.weight.copy_(repeat_units(source.weight, module.weight.shape, 1))
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            if name == "time_embedding.linear_1" and isinstance(network, UNet2DModel):
+                weight = sinusoid_columns(source.weight, module.weight.shape[1], k)
+            else:
+                weight = split_inputs(source.weight, module.weight.shape[1], noise, generator)
+            weight = repeat_units(weight, module.weight.shape, 0)
+            bias = None if source.bias is None else repeat_units(source.bias,
+                                                                 module.bias.shape, 0)
+            if id(module) in keys:
+                weight, bias = weight / k ** 0.5, None if bias is None else bias / k ** 0.5
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+        else:
+            raise ValueError(f"cannot widen {name} ({type(module).__name__})")
+    return wide
+
+
+def repeat_units(tensor: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+    """Each entry along ``dim`` as adjacent copies, up to ``shape[dim]`` (unchanged if equal)."""
+    copies = shape[dim] // tensor.shape[dim]
+    return tensor.repeat_interleave(copies, dim=dim) if copies > 1 else tensor
+
+
+def split_inputs(weight: torch.Tensor, width: int, noise: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """A weight reading ``width`` inputs, each old input now ``width / n`` adjacent copies:
+    each copy gets 1 / copies of the weight plus a noise that sums to zero over the copies."""
+    copies = width // weight.shape[1]
+    if copies == 1:
+        return weight
+    shape = (weight.shape[0], weight.shape[1], copies) + weight.shape[2:]
+    jitter = torch.randn(shape, generator=generator, dtype=weight.dtype)
+    jitter = (jitter - jitter.mean(2, keepdim=True)) * noise * weight.std() / copies
+    split = weight.unsqueeze(2) / copies + jitter.to(weight.device)
+    return split.flatten(1, 2)
+
+
+def sinusoid_columns(weight: torch.Tensor, width: int, k: int) -> torch.Tensor:
+    """The first time layer's weight for ``width`` sinusoids [cos | sin] (or [sin | cos]) with
+    frequencies exp(-ln(1e4) j / (width/2)): the old frequency i is the new k i."""
+    half_old, half_new = weight.shape[1] // 2, width // 2
+    wide = weight.new_zeros(weight.shape[0], width)
+    index = torch.arange(half_old, device=weight.device) * k
+    wide[:, index] = weight[:, :half_old]
+    wide[:, half_new + index] = weight[:, half_old:]
+    return wide
