@@ -6,6 +6,7 @@ Every section is a dataclass; an unknown key, a value of the wrong type or a mis
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import types
@@ -409,3 +410,27 @@ def changed_keys(saved: dict, cfg, ignored=()) -> dict[str, str]:
     return {k: f"{k} ({repr(saved[k]) if k in saved else absent} -> {now.get(k)!r})"
             for k in sorted(saved.keys() | now.keys())
             if k not in ignored and saved.get(k, defaults.get(k, missing)) != now.get(k)}
+
+
+# config keys that name folders a run reads: a folder is what its weights hold, not where it
+# lies (the bench's cache and a resume compare these, not the paths)
+FOLDER_KEYS = ("teacher", "ctm.gan_classifier")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def folder_weights(cfg) -> dict[str, dict]:
+    """For each folder key that is set, its path and the sha256 of every weights file in it (a
+    training run's output_dir: in its model/, not its checkpoints), in path order."""
+    values = flatten(to_dict(cfg))
+    found = {}
+    for key in FOLDER_KEYS:
+        if not values.get(key):
+            continue
+        folder = Path(values[key])
+        if (folder / "model").is_dir() and not (folder / "model_index.json").is_file():
+            folder = folder / "model"
+        files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+        found[key] = {"path": values[key],
+                      "weights": [hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                                  for p in files]}
+    return found

@@ -59,3 +59,26 @@ def test_an_adversarial_stage_that_never_starts_is_an_error():
                                           r"before train.max_steps \(400\)"):
         load_config("configs/msd/digits.yaml", ["msd.adversarial=true", "train.max_steps=400"])
     assert load_config("configs/msd/digits.yaml", ["train.max_steps=400"]).msd.gan_start == 450
+
+
+def test_input_folders_are_known_by_their_weights_not_their_paths(tmp_path):
+    import shutil
+
+    from gendistill.config import folder_weights
+
+    run = tmp_path / "run"
+    (run / "model" / "unet").mkdir(parents=True)
+    (run / "model" / "model_index.json").write_text("{}")
+    (run / "model" / "unet" / "w.safetensors").write_bytes(b"weights")
+    (run / "checkpoints" / "step-2").mkdir(parents=True)  # a run's checkpoints are not read
+    (run / "checkpoints" / "step-2" / "model.safetensors").write_bytes(b"older")
+    cfg = load_config("configs/ctm/digits.yaml", [f"teacher={run}"])
+    found = folder_weights(cfg)
+    assert list(found) == ["teacher"] and found["teacher"]["path"] == str(run)
+    assert len(found["teacher"]["weights"]) == 1
+    shutil.copytree(run / "model", tmp_path / "moved")
+    moved = folder_weights(load_config("configs/ctm/digits.yaml", [f"teacher={tmp_path}/moved"]))
+    assert moved["teacher"]["weights"] == found["teacher"]["weights"]
+    (run / "model" / "unet" / "w.safetensors").write_bytes(b"retrained")
+    assert folder_weights(cfg)["teacher"]["weights"] != found["teacher"]["weights"]
+    assert folder_weights(load_config("configs/ctm/digits.yaml")) == {}  # the shipped teacher

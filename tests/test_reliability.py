@@ -10,9 +10,9 @@ TINY = ["configs/teacher/toy2d.yaml", "network.width=32", "network.depth=2",
         "train.batch_size=64", "train.warmup_steps=1"]
 
 
-def train(out, *overrides, verbose=False):
+def train(out, *overrides, verbose=False, config=TINY):
     return subprocess.run([sys.executable, "-m", "gendistill", *(["-v"] if verbose else []),
-                           "train", *TINY, f"output_dir={out}", *overrides],
+                           "train", *config, f"output_dir={out}", *overrides],
                           capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
@@ -92,6 +92,33 @@ def test_resume_refuses_a_changed_config(run_dir):
     assert "train.batch_size (64 -> 32)" in line and "allow_config_change" in line
     proc = train(run_dir, "train.max_steps=10", "train.resume=true", "network.width=48")
     assert proc.returncode == 3 and "network.width (32 -> 48)" in error_line(proc)
+
+
+def test_resume_follows_the_teachers_weights_not_its_path(run_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher, moved, out = tmp_path / "teacher", tmp_path / "moved", tmp_path / "ctm"
+    shutil.copytree(run_dir / "model", teacher)
+    ctm = ["configs/ctm/toy2d.yaml", "ctm.num_grid=4", "train.batch_size=16",
+           "train.checkpoint_every=1", "ctm.gan_weight=0"]
+    proc = train(out, "train.max_steps=2", f"teacher={teacher}", config=ctm)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.move(teacher, moved)  # the same weights elsewhere: the run goes on
+    proc = train(out, "train.max_steps=3", f"teacher={moved}", "train.resume=true", config=ctm)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = moved / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1e-3}, weights)  # retrained in place
+    before = (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    proc = train(out, "train.max_steps=4", f"teacher={moved}", "train.resume=true", config=ctm)
+    assert proc.returncode == 3
+    assert f"teacher {moved} holds other weights than the run started with ({teacher})" \
+        in error_line(proc)
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() \
+        == before
 
 
 def test_a_fresh_run_does_not_overwrite_another_runs_checkpoints(run_dir, tmp_path):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPO_ROOT, Config, changed_keys, flatten, load_config, to_dict
+from ..config import (FOLDER_KEYS, REPO_ROOT, Config, changed_keys, flatten, folder_weights,
+                      load_config, to_dict)
 
 
 @dataclass
@@ -311,9 +312,6 @@ PRESETS = {
 }
 
 
-FOLDER_KEYS = ("teacher", "ctm.gan_classifier")
-
-
 def config_hash(cfg) -> str:
     """A hash of what the run trains: the keys that differ from their defaults (so a key added
     in a later version does not invalidate the cache) and the weights of the teacher and the
@@ -321,10 +319,7 @@ def config_hash(cfg) -> str:
     defaults = flatten(to_dict(Config()))
     values = {k: v for k, v in flatten(to_dict(cfg)).items()
               if k not in ("output_dir", "train.resume") and v != defaults.get(k)}
-    for key in FOLDER_KEYS:  # a folder is what its weights are, not where it lies
-        if values.get(key):
-            weights = sorted(Path(values[key]).rglob("*.safetensors"))
-            values[key] = [hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in weights]
+    values.update({k: v["weights"] for k, v in folder_weights(cfg).items()})
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

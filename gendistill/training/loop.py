@@ -29,7 +29,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, changed_keys, to_dict
+from ..config import FOLDER_KEYS, Config, ConfigError, changed_keys, folder_weights, to_dict
 from ..models.networks import without_label_dropout
 from .ema import EMA
 
@@ -296,6 +296,8 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
         if tc.overwrite and not tc.resume:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        if not tc.resume:  # what the input folders held, for a later resume to check
+            (out / "inputs.json").write_text(json.dumps(folder_weights(cfg), indent=2))
     accelerator.init_trackers("logs")
 
     first_step = counter.step
@@ -428,17 +430,32 @@ RESUME_GUARDED_KEYS = {"train.batch_size", "train.lr", "train.warmup_steps",
                        "train.lr_schedule"}
 
 
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{path}: invalid JSON ({e}); cannot check {what}") from None
+
+
 def check_resumable(out: Path, cfg: Config):
-    """Refuse to resume a run under a config that differs in anything that matters."""
-    saved_file = out / "config.json"
+    """Refuse to resume a run under a config that differs in anything that matters, or whose
+    teacher (or other input folder) now holds other weights than the run started with."""
+    saved_file, inputs_file = out / "config.json", out / "inputs.json"
     if not saved_file.is_file():
         return
-    try:
-        saved = json.loads(saved_file.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{saved_file}: invalid JSON ({e}); cannot check the resume") \
-            from None
-    changed = changed_keys(saved, cfg, RESUME_FREE_KEYS)
+    saved = read_json(saved_file, "the resume")
+    free = set(RESUME_FREE_KEYS)
+    if inputs_file.is_file():  # the folders' weights were recorded: a moved folder is fine
+        free.update(FOLDER_KEYS)
+        started, now = read_json(inputs_file, "the resume's inputs"), folder_weights(cfg)
+        for key in sorted(started.keys() | now.keys()):
+            before, after = started.get(key, {}), now.get(key, {})
+            if before.get("weights") != after.get("weights"):
+                raise TrainingError(
+                    f"cannot resume: {key} {after.get('path')} holds other weights than the "
+                    f"run started with ({before.get('path')}); a run continues against the "
+                    f"inputs it began with")
+    changed = changed_keys(saved, cfg, free)
     if cfg.train.allow_config_change:
         changed = {k: v for k, v in changed.items() if k not in RESUME_GUARDED_KEYS}
     if changed:
