@@ -49,11 +49,20 @@ def test_untrained_student_is_the_teacher():
 
 
 @pytest.mark.parametrize("factor", [2, 3])
-@pytest.mark.parametrize("kind", ["unet", "mlp"])
+@pytest.mark.parametrize("kind", ["unet", "unet-one-head-scale-shift", "mlp"])
 def test_a_widened_network_computes_the_same_function(kind, factor):
+    from diffusers import UNet2DModel
+
     torch.manual_seed(0)
     if kind == "unet":  # attention in the second block and the middle, GroupNorm everywhere
         net, x = tiny_unet(), torch.randn(6, 1, 8, 8)
+    elif kind.startswith("unet"):  # a head as wide as its block; the time embedding as FiLM
+        net = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, num_class_embeds=5,
+                          block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                          attention_head_dim=None, resnet_time_scale_shift="scale_shift",
+                          down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                          up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+        x = torch.randn(6, 1, 8, 8)
     else:
         net, x = build_network((2,), num_classes=4, width=16, depth=2), torch.randn(6, 2)
     y, t = torch.tensor([0, 1, 2, 3, 4, 1]), torch.tensor([80.0, 10.0, 3.0, 1.0, 0.3, 0.01])

@@ -174,7 +174,8 @@ def widen_network(network: nn.Module, factor: int, noise: float = 0.1,
         if config.get("time_embedding_dim") is not None:
             config["time_embedding_dim"] *= k
         config["block_out_channels"] = [c * k for c in config["block_out_channels"]]
-        config["attention_head_dim"] = (config.get("attention_head_dim") or 8) * k
+        if config.get("attention_head_dim"):  # None: one head as wide as the block already
+            config["attention_head_dim"] *= k
     wide = type(network).from_config(config)
     old = dict(network.named_modules())
     keys = {id(module.to_k) for module in wide.modules() if hasattr(module, "to_k")}
