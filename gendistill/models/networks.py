@@ -155,7 +155,7 @@ def widen_network(network: nn.Module, factor: int, noise: float = 0.1,
     and they learn apart; the output is still the network's exactly (up to rounding).
 
     GroupNorm keeps its group count, so each group holds the copies of one original group and
-    sees its statistics; a UNet's attention heads double their width with k scaled by
+    sees its statistics; a UNet's attention heads grow ``factor``-fold with k scaled by
     1 / sqrt(factor), which keeps q.k / sqrt(head dim); the sinusoidal time features grow to the
     same frequencies and more, the new ones unread at first."""
     if not isinstance(network, WIDENABLE):
