@@ -68,6 +68,7 @@ class TrainConfig:
     cpu: bool = False              # force CPU even where a GPU is present
     xformers: bool = False         # xformers attention (CUDA + the xformers extra); else SDPA
     compile: bool = False          # torch.compile the trained network (inductor)
+    fsdp: bool = False             # shard the trained network over the processes (FSDP2)
 
 
 @dataclass

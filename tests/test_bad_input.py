@@ -121,6 +121,8 @@ CASES = [
       "{root}/r.json"], "--batch-size: 0 is out of range [1, 65536]"),
     (["evaluate", "{root}/teacher", "--dataset", "digits", "--out", "{root}/r.json"],
      "the model makes samples of shape (2,), dataset digits has (1, 8, 8)"),
+    (T("train.fsdp=true"), "train.fsdp=true shards the network over processes, but this run has "
+                           "one"),
 ]
 
 

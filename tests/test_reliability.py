@@ -216,6 +216,69 @@ def test_two_process_training_keeps_the_second_player_in_step(tmp_path, method):
     assert "all 2 ranks hold the same weights" in proc.stdout + proc.stderr
 
 
+def launch_two(out, config, *overrides):
+    """``gendistill train`` on two real CPU processes (torchrun, gloo)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gendistill", "--verbose",
+                           "train", *config, f"output_dir={out}", "train.cpu=true", *overrides],
+                          capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def exported_weights(run) -> dict:
+    from safetensors.torch import load_file
+
+    return {(str(f.relative_to(run)), key): value
+            for f in sorted((run / "model").rglob("*.safetensors"))
+            for key, value in load_file(f).items()}
+
+
+SHARDED = {"teacher": TINY,
+           "ctm": ["configs/ctm/toy2d.yaml", "ctm.num_grid=6", "train.batch_size=32",
+                   "train.lr=1e-2"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", SHARDED)
+def test_fsdp_trains_the_data_parallel_weights_and_resumes_exactly(tmp_path, method):
+    """train.fsdp=true on two real gloo processes: each rank holds half the network; the run
+    ends with the weights data-parallel training ends with, to float rounding; its checkpoint
+    holds whole tensors, from which a resume ends bit-identical to the uninterrupted run."""
+    import re
+    import shutil
+
+    import torch
+
+    sharded, replicated, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
+    # 8 steps: RAdam (CTM's) moves the weights by its lr from its sixth step on
+    steps = ["train.max_steps=8", "train.checkpoint_every=4", "train.warmup_steps=1"]
+    logs = {}
+    for out, fsdp in ((sharded, "true"), (replicated, "false")):
+        proc = launch_two(out, SHARDED[method], *steps, f"train.fsdp={fsdp}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[fsdp] = proc.stdout + proc.stderr
+    pattern = r"rank 0 holds (\d+) of the network's (\d+) weights"
+    assert re.search(pattern, logs["false"]) is None
+    held, total = map(int, re.search(pattern, logs["true"]).groups())
+    assert total / 2 <= held < 0.6 * total  # half, and a shard's padding
+    fsdp_w, ddp_w = exported_weights(sharded), exported_weights(replicated)
+    assert fsdp_w.keys() == ddp_w.keys()
+    start = exported_weights(sharded / "checkpoints" / "step-4")
+    moved = max((fsdp_w[k] - start[k]).abs().max() for k in fsdp_w)  # in its last four steps
+    assert moved > 1e-4
+    assert max((fsdp_w[k] - ddp_w[k]).abs().max() for k in fsdp_w) < 1e-4 * moved
+    saved = torch.load(sharded / "checkpoints" / "step-4" / "custom_checkpoint_0.pkl",
+                       weights_only=False)
+    assert sum(v.numel() for v in saved["model"].values() if v.is_floating_point()) >= total
+    assert saved["optimizer"]["state"]  # the optimiser's moments, gathered with the weights
+    shutil.copytree(sharded, resumed)
+    shutil.rmtree(resumed / "model")
+    proc = launch_two(resumed, SHARDED[method], *steps, "train.fsdp=true", "train.resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = exported_weights(resumed)
+    assert all(torch.equal(again[k], fsdp_w[k]) for k in fsdp_w)
+
+
 @pytest.mark.slow
 def test_a_launch_whose_processes_do_not_join_is_refused(tmp_path):
     """accelerate's FSDP config on a machine without GPUs starts two processes that each train

@@ -5,9 +5,9 @@ and ``export(ema_model, folder)``. A method with a second player (CTM's discrimi
 fake score) also gives ``auxiliary = (module, optimiser)`` and ``auxiliary_loss(batch, step)``.
 Either loss may be None: that player sits the iteration out (DMD2's generator steps every
 ``gen_update_ratio`` iterations). Both losses are computed, then both players step. The loop
-does the rest: optimiser and warm-up, mixed precision, gradient clipping, EMA, tqdm progress,
-tensorboard logs, checkpoints and resume, and a NaN guard that stops with the last good
-checkpoint intact.
+does the rest: optimiser and warm-up, mixed precision, gradient clipping, EMA, sharding
+(``train.fsdp``), tqdm progress, tensorboard logs, checkpoints and resume, and a NaN guard that
+stops with the last good checkpoint intact.
 """
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ..config import FOLDER_KEYS, Config, ConfigError, changed_keys, folder_weights, to_dict
 from ..models.networks import without_label_dropout
 from .ema import EMA
+from .fsdp import FullState, full_copy, shard_training
 
 log = logging.getLogger("gendistill")
 
@@ -134,6 +136,13 @@ def make_accelerator(cfg: Config, unused_parameters: bool = False) -> Accelerato
             f"launched as {launched} processes (WORLD_SIZE) but accelerate made "
             f"{accelerator.num_processes} of them ({accelerator.distributed_type.value}); "
             f"without GPUs launch with torchrun or accelerate --multi_gpu and train.cpu=true")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # they would shard the network but not its EMA and target copies, which the loop keeps
+        raise ConfigError(f"accelerate's {accelerator.distributed_type.value} config is not "
+                          f"supported; to shard the network launch with --multi_gpu and "
+                          f"train.fsdp=true")
+    if cfg.train.fsdp:
+        check_shardable(cfg, accelerator)
     return accelerator
 
 
@@ -265,6 +274,13 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     optimizer = getattr(method, "optimizer", None) or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=tc.lr,
         weight_decay=tc.weight_decay)
+    # before any sharding: FSDP modules cannot be deep-copied
+    ema = EMA(unwrap(model), tc.ema_decay).to(accelerator.device)
+    method.ema = ema
+    copies = [ema.model, *(held.model for held in getattr(method, "checkpointed", ())
+                           if isinstance(held, EMA))]  # CTM's target network
+    # rank 0's unsharded copy, that a sharded run's exports gather into
+    template = shard_training(model, optimizer, copies, accelerator) if tc.fsdp else None
     warmup = max(tc.warmup_steps, 1)
     counter = StepCounter()
     # the warm-up counts the model's own updates (DMD2's generator steps 1 in N); the decay
@@ -272,14 +288,24 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup)
         * lr_decay(tc.lr_schedule, counter.step, tc.max_steps))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # the method's own state (e.g. CTM's target network) is checkpointed with the rest
+    checkpointed = (ema, counter, *getattr(method, "checkpointed", ()))
+    if tc.fsdp:  # sharded weights are checkpointed gathered, the optimiser's state with them
+        loader = accelerator.prepare(loader)
+        checkpointed = (FullState(model, optimizer), scheduler,
+                        *(FullState(held) if isinstance(held, EMA) else held
+                          for held in checkpointed))
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
+                                                                  scheduler)
     method.model = model
     if auxiliary is not None:
         auxiliary = method.auxiliary = accelerator.prepare(*auxiliary)
-    ema = EMA(accelerator.unwrap_model(model), tc.ema_decay).to(accelerator.device)
-    method.ema = ema
-    # the method's own state (e.g. CTM's target network) is checkpointed with the rest
-    accelerator.register_for_checkpointing(ema, counter, *getattr(method, "checkpointed", ()))
+    accelerator.register_for_checkpointing(*checkpointed)
+
+    def ema_model() -> nn.Module | None:
+        """The EMA network to export, whole (on rank 0; every rank must call this)."""
+        return full_copy(ema.model, template) if tc.fsdp else ema.model
 
     if tc.resume:
         check_resumable(out, cfg)
@@ -309,7 +335,8 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
 
     def checkpoint():
         counter.seconds = seconds_before + time.time() - start
-        save_checkpoint(accelerator, method, ema, out, counter.step, tc.keep_checkpoints)
+        save_checkpoint(accelerator, method, ema_model, out, counter.step,
+                        tc.keep_checkpoints)
 
     nonfinite_in_a_row, nonfinite_total = 0, 0
     loss = grad_norm = torch.tensor(float("nan"))  # logged values until the model first steps
@@ -336,6 +363,8 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             accelerator.backward(player_loss)
             # the norm before clipping is logged: a clip active on every step shows here
             norm = accelerator.clip_grad_norm_(module.parameters(), clip)
+            if isinstance(norm, DTensor):  # a sharded network's norm: each rank's part
+                norm = norm.full_tensor()
             finite = finite and bool(torch.isfinite(player_loss) and torch.isfinite(norm))
             if module is model:
                 loss, grad_norm = player_loss, norm
@@ -383,11 +412,14 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             raise TrainingError(f"stopped by SIGTERM at step {counter.step}; checkpoint saved, "
                                 f"continue with train.resume=true")
     bar.close()
-    check_ranks_agree(accelerator, accelerator.unwrap_model(model), ema,
+    # sharded ranks hold different parts by design; the gather gives every part once
+    check_ranks_agree(accelerator,
+                      *([] if tc.fsdp else [accelerator.unwrap_model(model), ema]),
                       *([] if auxiliary is None else [accelerator.unwrap_model(auxiliary[0])]))
     final = out / "model"
+    exported = ema_model()
     if accelerator.is_main_process:
-        export(method, ema, final)
+        export(method, exported, final)
         # seconds: the whole run's training time, over every resume; seconds_this_run: this
         # process's part, from resumed_at
         this_run = time.time() - start
@@ -405,10 +437,22 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     return final
 
 
+def check_shardable(cfg: Config, accelerator):
+    """train.fsdp=true needs several processes, and the settings the sharded loop supports."""
+    if accelerator.num_processes < 2:
+        raise ConfigError("train.fsdp=true shards the network over processes, but this run has "
+                          "one; launch with torchrun --nproc_per_node N or accelerate launch "
+                          "--multi_gpu --num_processes N")
+    if cfg.train.mixed_precision == "fp16":  # its loss scaler steps accelerate's optimisers
+        raise ConfigError("train.fsdp=true needs train.mixed_precision no or bf16, got fp16")
+    if cfg.train.compile:
+        raise ConfigError("train.fsdp=true and train.compile=true cannot be combined")
+
+
 def check_ranks_agree(accelerator, *modules):
     """Data-parallel ranks must end with the same weights (rank 0 alone saves them): a rank
     that drifted (a missed all-reduce, a rank-local update) stops the run instead."""
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or not modules:
         return
     digest = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square()
                                        .sum()]) for m in modules for p in m.parameters()])
@@ -485,18 +529,20 @@ def resume_from_checkpoint(accelerator, out: Path, counter: StepCounter):
                         f"{found[-1]})")
 
 
-def export(method, ema: EMA, folder: Path):
-    """Write the EMA weights as a diffusers folder, replacing an older one only when complete."""
+def export(method, model: nn.Module, folder: Path):
+    """Write ``model`` (the EMA network) as a diffusers folder, replacing an older one only
+    when complete."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    method.export(ema.model, tmp)
+    method.export(model, tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
-def save_checkpoint(accelerator, method, ema, out: Path, step: int, keep: int = 0):
+def save_checkpoint(accelerator, method, ema_model, out: Path, step: int, keep: int = 0):
     """Write into ``step-N.tmp``, fsync, mark complete, then rename: a kill mid-save leaves
-    only a .tmp folder that resume never reads. Keeps the newest ``keep`` (0 = all)."""
+    only a .tmp folder that resume never reads. Keeps the newest ``keep`` (0 = all).
+    ``ema_model()`` gives the network to export (every rank calls it)."""
     ckpt = out / "checkpoints" / f"step-{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if accelerator.is_main_process:
@@ -504,8 +550,9 @@ def save_checkpoint(accelerator, method, ema, out: Path, step: int, keep: int = 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    exported = ema_model()
     if accelerator.is_main_process:
-        export(method, ema, tmp / "model")
+        export(method, exported, tmp / "model")
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
