@@ -295,8 +295,12 @@ def test_rows_are_timed_in_interleaved_rounds(monkeypatch):
     """time_pipelines times the pipelines in rounds (a drift of the machine's speed then hits
     every row alike), each at least ``repeats`` times and until min_seconds of it are timed;
     per round a fast call is repeated for min_seconds / repeats, so a slow and a fast row end
-    after the same rounds. Per-sample milliseconds of a 4-step call exceed a 1-step call's."""
+    after the same rounds. Per-sample milliseconds of a 4-step call exceed a 1-step call's.
+    The clock is a fake one on which a call of n steps takes 4n ms: how many calls make a round
+    must not depend on the machine's speed (on the real clock a slow row sometimes finished a
+    round early)."""
     import itertools
+    import time
 
     import gendistill.generate as generate
     from gendistill.assets import ASSETS
@@ -305,9 +309,15 @@ def test_rows_are_timed_in_interleaved_rounds(monkeypatch):
 
     teacher = load_pipeline(ASSETS / "teachers" / "toy2d")
     teacher.set_progress_bar_config(disable=True)
-    order, real = [], generate.sample
-    monkeypatch.setattr(generate, "sample", lambda pipe, *a, **call: order.append(
-        call["num_inference_steps"]) or real(pipe, *a, **call))
+    order, real, clock = [], generate.sample, [0.0]
+
+    def timed_sample(pipe, *args, **call):
+        order.append(call["num_inference_steps"])
+        clock[0] += 0.004 * call["num_inference_steps"]
+        return real(pipe, *args, **call)
+
+    monkeypatch.setattr(generate, "sample", timed_sample)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     calls = [(teacher, {"num_inference_steps": 1}), (teacher, {"num_inference_steps": 4})]
     (fast, _), (slow, _) = time_pipelines(calls, [0, 1, 2, 3] * 16, repeats=3, min_seconds=0)
     assert order == [1, 4] * 4  # the warm-ups, then three rounds of one call each
@@ -318,4 +328,4 @@ def test_rows_are_timed_in_interleaved_rounds(monkeypatch):
     rounds = [(steps, len(list(run))) for steps, run in itertools.groupby(order[2:])]
     assert [steps for steps, _ in rounds] == [1, 40] * (len(rounds) // 2)  # alternating
     assert all(n > 1 for steps, n in rounds if steps == 1)  # several fast calls per round
-    assert order[2:].count(40) == len(rounds) // 2 >= 3  # the slow row is in every round
+    assert order[2:].count(40) == len(rounds) // 2 == 3  # the slow row is in every round
