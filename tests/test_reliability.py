@@ -234,16 +234,19 @@ def exported_weights(run) -> dict:
 
 
 SHARDED = {"teacher": TINY,
-           "ctm": ["configs/ctm/toy2d.yaml", "ctm.num_grid=6", "train.batch_size=32",
-                   "train.lr=1e-2"]}
+           # CTM with DMD's term from step 2: the target network, and a fake score sharded as
+           # a second player
+           "ctm-dm": ["configs/ctm/toy2d.yaml", "ctm.num_grid=6", "train.batch_size=32",
+                      "train.lr=1e-2", "ctm.gan_weight=0", "ctm.dm_weight=1", "ctm.dm_start=2"]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", SHARDED)
 def test_fsdp_trains_the_data_parallel_weights_and_resumes_exactly(tmp_path, method):
     """train.fsdp=true on two real gloo processes: each rank holds half the network; the run
-    ends with the weights data-parallel training ends with, to float rounding; its checkpoint
-    holds whole tensors, from which a resume ends bit-identical to the uninterrupted run."""
+    ends with the weights data-parallel training ends with, to float rounding (the sharded
+    gradient norm rounds differently); its checkpoint holds whole tensors, from which a resume
+    ends bit-identical to the uninterrupted run."""
     import re
     import shutil
 
@@ -271,6 +274,10 @@ def test_fsdp_trains_the_data_parallel_weights_and_resumes_exactly(tmp_path, met
                        weights_only=False)
     assert sum(v.numel() for v in saved["model"].values() if v.is_floating_point()) >= total
     assert saved["optimizer"]["state"]  # the optimiser's moments, gathered with the weights
+    if method == "ctm-dm":  # the fake score and its optimiser, gathered alike
+        fake = torch.load(sharded / "checkpoints" / "step-4" / "custom_checkpoint_2.pkl",
+                          weights_only=False)
+        assert fake.keys() == {"model", "optimizer"} and fake["optimizer"]["state"]
     shutil.copytree(sharded, resumed)
     shutil.rmtree(resumed / "model")
     proc = launch_two(resumed, SHARDED[method], *steps, "train.fsdp=true", "train.resume=true")

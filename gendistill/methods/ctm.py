@@ -383,7 +383,7 @@ class CTMTraining:
             else:
                 sigma = dm_sigmas(n, self.dm_grid).to(device)
                 loss_aux, _ = distribution_matching_loss(generated, self.teacher,
-                                                         self.fake_score.denoiser, sigma, cond)
+                                                         self.fake_score, sigma, cond)
                 name, aux_weight = "dm", c.dm_weight
             weight = adaptive_weight(loss_ctm, loss_aux, student.last_layer, max_weight=10.0,
                                      min_weight=0.01)

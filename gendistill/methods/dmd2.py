@@ -45,10 +45,11 @@ def dm_sigmas(n: int, grid: torch.Tensor, low: float = 0.02, high: float = 0.98,
     return grid[idx.to(grid.device)]
 
 
-def distribution_matching_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser,
+def distribution_matching_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser | FakeScore,
                                sigma: torch.Tensor, cond=None, guidance: float = 1.0,
                                noise: torch.Tensor | None = None):
-    """(L_DM, grad): the teacher under CFG at ``guidance``, the fake score unguided."""
+    """(L_DM, grad): the teacher under CFG at ``guidance``, the fake score unguided (a
+    FakeScore is called whole: sharded, it gathers its weights in its own forward)."""
     noise = torch.randn_like(x) if noise is None else noise
     with torch.no_grad(), full_precision(x.device):
         x_sigma = x.detach().float() + append_dims(sigma, x.ndim) * noise.float()
@@ -272,7 +273,7 @@ class DMD2Training:
             return None, {}  # the fake score steps alone
         x = self.generate(self.noise(n, device), cond)
         sigma = self.dm_sigmas(n, device)
-        loss_dm, _grad = distribution_matching_loss(x, self.teacher, unwrap(self.fake).denoiser,
+        loss_dm, _grad = distribution_matching_loss(x, self.teacher, unwrap(self.fake),
                                                     sigma, cond, m.guidance)
         loss, logs = loss_dm, {"dm": loss_dm.detach()}
         if m.regression_weight > 0:

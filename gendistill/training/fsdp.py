@@ -63,18 +63,21 @@ def point_optimizer_at(optimizer: torch.optim.Optimizer, names: dict[int, str],
         group["params"] = [sharded[names[id(p)]] for p in group["params"]]
 
 
-def shard_training(model: nn.Module, optimizer: torch.optim.Optimizer,
+def shard_training(players: list[tuple[nn.Module, torch.optim.Optimizer]],
                    copies: list[nn.Module], accelerator) -> nn.Module | None:
-    """Shard the trained network and its copies that are never trained (EMA, target) alike,
-    and point the fresh optimiser at the shards. Returns rank 0's unsharded copy of the
-    network, for exports to gather into (None on the other ranks)."""
+    """Shard each trained network (the model, and a second player such as DMD2's fake score),
+    pointing its fresh optimiser at the shards, and the copies that are never trained (EMA,
+    target) alike. Returns rank 0's unsharded copy of the model (the first player), for
+    exports to gather into (None on the other ranks)."""
+    model = players[0][0]
     template = copy.deepcopy(model).cpu() if accelerator.is_main_process else None
-    names = {id(p): name for name, p in model.named_parameters()}
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    shard(model, mesh, trained=True)
+    for module, optimizer in players:
+        names = {id(p): name for name, p in module.named_parameters()}
+        shard(module, mesh, trained=True)
+        point_optimizer_at(optimizer, names, module)
     for held in copies:
         shard(held, mesh, trained=False)
-    point_optimizer_at(optimizer, names, model)
     if accelerator.is_main_process:
         log.info("sharded over %d processes: rank 0 holds %d of the network's %d weights",
                  accelerator.num_processes, sum(p.to_local().numel() for p in model.parameters()),

@@ -280,7 +280,8 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     copies = [ema.model, *(held.model for held in getattr(method, "checkpointed", ())
                            if isinstance(held, EMA))]  # CTM's target network
     # rank 0's unsharded copy, that a sharded run's exports gather into
-    template = shard_training(model, optimizer, copies, accelerator) if tc.fsdp else None
+    template = (shard_training([(model, optimizer), *([auxiliary] if auxiliary else [])], copies,
+                               accelerator) if tc.fsdp else None)
     warmup = max(tc.warmup_steps, 1)
     counter = StepCounter()
     # the warm-up counts the model's own updates (DMD2's generator steps 1 in N); the decay
@@ -293,14 +294,15 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
     if tc.fsdp:  # sharded weights are checkpointed gathered, the optimiser's state with them
         loader = accelerator.prepare(loader)
         checkpointed = (FullState(model, optimizer), scheduler,
+                        *([FullState(*auxiliary)] if auxiliary else []),
                         *(FullState(held) if isinstance(held, EMA) else held
                           for held in checkpointed))
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
                                                                   scheduler)
+        if auxiliary is not None:
+            auxiliary = method.auxiliary = accelerator.prepare(*auxiliary)
     method.model = model
-    if auxiliary is not None:
-        auxiliary = method.auxiliary = accelerator.prepare(*auxiliary)
     accelerator.register_for_checkpointing(*checkpointed)
 
     def ema_model() -> nn.Module | None:
@@ -412,10 +414,9 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             raise TrainingError(f"stopped by SIGTERM at step {counter.step}; checkpoint saved, "
                                 f"continue with train.resume=true")
     bar.close()
-    # sharded ranks hold different parts by design; the gather gives every part once
-    check_ranks_agree(accelerator,
-                      *([] if tc.fsdp else [accelerator.unwrap_model(model), ema]),
-                      *([] if auxiliary is None else [accelerator.unwrap_model(auxiliary[0])]))
+    if not tc.fsdp:  # sharded ranks hold different parts by design
+        check_ranks_agree(accelerator, accelerator.unwrap_model(model), ema,
+                          *([] if auxiliary is None else [accelerator.unwrap_model(auxiliary[0])]))
     final = out / "model"
     exported = ema_model()
     if accelerator.is_main_process:
@@ -452,7 +453,7 @@ def check_shardable(cfg: Config, accelerator):
 def check_ranks_agree(accelerator, *modules):
     """Data-parallel ranks must end with the same weights (rank 0 alone saves them): a rank
     that drifted (a missed all-reduce, a rank-local update) stops the run instead."""
-    if accelerator.num_processes == 1 or not modules:
+    if accelerator.num_processes == 1:
         return
     digest = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square()
                                        .sum()]) for m in modules for p in m.parameters()])
