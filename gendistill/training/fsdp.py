@@ -1,8 +1,8 @@
 """Fully sharded data parallel training (``train.fsdp=true``): PyTorch's FSDP2 ``fully_shard``.
 
-Each of N processes holds 1/N of the trained network's weights, gradients and optimiser state
-(and of its EMA and target copies); a block's weights are gathered for its forward and backward
-and freed after. The loop shards the network itself, so FSDP runs under any launcher (torchrun,
+Each of N processes holds 1/N of the trained network's weights, gradients and optimiser state,
+of its EMA and target copies, and of a second player (a fake score, a discriminator); a block's
+weights are gathered for its forward and backward and freed after. The loop shards the network itself, so FSDP runs under any launcher (torchrun,
 ``accelerate launch --multi_gpu``) and on CPU processes with gloo. Checkpoints and exports hold
 full tensors: every rank joins the gather, rank 0 writes.
 """
@@ -115,5 +115,3 @@ class FullState:
         else:
             set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"], options=SCATTER)
-
-
