@@ -40,8 +40,8 @@ def shard(module: nn.Module, mesh: DeviceMesh, trained: bool) -> nn.Module:
     The trained network's root keeps its weights gathered from its forward to its backward:
     the ones the graph holds (CTM's adaptive weight differentiates by the last layer's). A copy
     that is never trained (EMA, target) frees them after every forward, so that it is shards
-    again when it is averaged."""
-    module.to(mesh.device_type)
+    again when it is averaged. fully_shard moves the weights to the mesh's device one unit at
+    a time as it shards them, so a GPU never receives the whole network."""
     for sub in list(module.modules()):
         if isinstance(sub, nn.ModuleList):
             for block in sub:
