@@ -234,10 +234,10 @@ def exported_weights(run) -> dict:
 
 
 SHARDED = {"teacher": TINY,
-           # CTM with DMD's term from step 2: the target network, and a fake score sharded as
-           # a second player
+           # CTM with DMD's term from step 4: the target network, and a fake score sharded as
+           # a second player, checkpointed at step 4 before its optimiser has stepped
            "ctm-dm": ["configs/ctm/toy2d.yaml", "ctm.num_grid=6", "train.batch_size=32",
-                      "train.lr=1e-2", "ctm.gan_weight=0", "ctm.dm_weight=1", "ctm.dm_start=2"]}
+                      "train.lr=1e-2", "ctm.gan_weight=0", "ctm.dm_weight=1", "ctm.dm_start=4"]}
 
 
 @pytest.mark.slow
@@ -269,15 +269,17 @@ def test_fsdp_trains_the_data_parallel_weights_and_resumes_exactly(tmp_path, met
     start = exported_weights(sharded / "checkpoints" / "step-4")
     moved = max((fsdp_w[k] - start[k]).abs().max() for k in fsdp_w)  # in its last four steps
     assert moved > 1e-4
-    assert max((fsdp_w[k] - ddp_w[k]).abs().max() for k in fsdp_w) < 1e-4 * moved
+    # float rounding: 1e-8 here; a fake score whose optimiser the checkpoint had stepped once
+    # at lr 0 (torch's gather does so to a fresh one) ended 3e-4 away
+    assert max((fsdp_w[k] - ddp_w[k]).abs().max() for k in fsdp_w) < 1e-6
     saved = torch.load(sharded / "checkpoints" / "step-4" / "custom_checkpoint_0.pkl",
                        weights_only=False)
     assert sum(v.numel() for v in saved["model"].values() if v.is_floating_point()) >= total
     assert saved["optimizer"]["state"]  # the optimiser's moments, gathered with the weights
-    if method == "ctm-dm":  # the fake score and its optimiser, gathered alike
+    if method == "ctm-dm":  # the fake score, gathered alike; its optimiser has not stepped
         fake = torch.load(sharded / "checkpoints" / "step-4" / "custom_checkpoint_2.pkl",
                           weights_only=False)
-        assert fake.keys() == {"model", "optimizer"} and fake["optimizer"]["state"]
+        assert fake["model"] and fake["optimizer"] is None
     shutil.copytree(sharded, resumed)
     shutil.rmtree(resumed / "model")
     proc = launch_two(resumed, SHARDED[method], *steps, "train.fsdp=true", "train.resume=true")

@@ -98,19 +98,24 @@ def full_copy(module: nn.Module, template: nn.Module | None) -> nn.Module | None
 class FullState:
     """A sharded module, with its optimiser where given, checkpointed as full tensors through
     accelerate's ``register_for_checkpointing`` (it asks every rank for ``state_dict`` and
-    writes rank 0's)."""
+    writes rank 0's).
+
+    An optimiser that has not stepped yet (a discriminator before its phase) is saved as None
+    and left fresh on load: torch's gather would first step it once at lr 0, and that step
+    would count in Adam's bias correction."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         self.module, self.optimizer = module, optimizer
 
     def state_dict(self) -> dict:
-        if self.optimizer is None:
-            return {"model": get_model_state_dict(self.module, options=GATHER)}
+        if self.optimizer is None or not self.optimizer.state:
+            return {"model": get_model_state_dict(self.module, options=GATHER),
+                    "optimizer": None}
         model, optimizer = get_state_dict(self.module, self.optimizer, options=GATHER)
         return {"model": model, "optimizer": optimizer}
 
     def load_state_dict(self, state: dict):
-        if self.optimizer is None:
+        if state.get("optimizer") is None:
             set_model_state_dict(self.module, state["model"], options=SCATTER)
         else:
             set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],

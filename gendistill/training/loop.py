@@ -27,13 +27,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ..config import FOLDER_KEYS, Config, ConfigError, changed_keys, folder_weights, to_dict
 from ..models.networks import without_label_dropout
 from .ema import EMA
-from .fsdp import FullState, full_copy, shard_training
 
 log = logging.getLogger("gendistill")
 
@@ -275,13 +273,18 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
         [p for p in model.parameters() if p.requires_grad], lr=tc.lr,
         weight_decay=tc.weight_decay)
     # before any sharding: FSDP modules cannot be deep-copied
-    ema = EMA(unwrap(model), tc.ema_decay).to(accelerator.device)
+    ema = EMA(unwrap(model), tc.ema_decay)
     method.ema = ema
-    copies = [ema.model, *(held.model for held in getattr(method, "checkpointed", ())
-                           if isinstance(held, EMA))]  # CTM's target network
-    # rank 0's unsharded copy, that a sharded run's exports gather into
-    template = (shard_training([(model, optimizer), *([auxiliary] if auxiliary else [])], copies,
-                               accelerator) if tc.fsdp else None)
+    template = None  # rank 0's unsharded copy, that a sharded run's exports gather into
+    if tc.fsdp:  # FSDP2 needs torch 2.6 (check_shardable said so); moves each unit itself
+        from .fsdp import FullState, full_copy, shard_training
+
+        copies = [ema.model, *(held.model for held in getattr(method, "checkpointed", ())
+                               if isinstance(held, EMA))]  # CTM's target network
+        template = shard_training([(model, optimizer), *([auxiliary] if auxiliary else [])],
+                                  copies, accelerator)
+    else:
+        ema.to(accelerator.device)
     warmup = max(tc.warmup_steps, 1)
     counter = StepCounter()
     # the warm-up counts the model's own updates (DMD2's generator steps 1 in N); the decay
@@ -365,7 +368,7 @@ def train_locked(cfg: Config, method, loader, accelerator: Accelerator,
             accelerator.backward(player_loss)
             # the norm before clipping is logged: a clip active on every step shows here
             norm = accelerator.clip_grad_norm_(module.parameters(), clip)
-            if isinstance(norm, DTensor):  # a sharded network's norm: each rank's part
+            if tc.fsdp and hasattr(norm, "full_tensor"):  # a sharded norm: each rank's part
                 norm = norm.full_tensor()
             finite = finite and bool(torch.isfinite(player_loss) and torch.isfinite(norm))
             if module is model:
@@ -444,6 +447,11 @@ def check_shardable(cfg: Config, accelerator):
         raise ConfigError("train.fsdp=true shards the network over processes, but this run has "
                           "one; launch with torchrun --nproc_per_node N or accelerate launch "
                           "--multi_gpu --num_processes N")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"train.fsdp=true needs torch 2.6 or newer (FSDP2's fully_shard); "
+                          f"this is torch {torch.__version__}") from None
     if cfg.train.mixed_precision == "fp16":  # its loss scaler steps accelerate's optimisers
         raise ConfigError("train.fsdp=true needs train.mixed_precision no or bf16, got fp16")
     if cfg.train.compile:
