@@ -2,9 +2,11 @@
 
 Each of N processes holds 1/N of the trained network's weights, gradients and optimiser state,
 of its EMA and target copies, and of a second player (a fake score, a discriminator); a block's
-weights are gathered for its forward and backward and freed after. The loop shards the network itself, so FSDP runs under any launcher (torchrun,
-``accelerate launch --multi_gpu``) and on CPU processes with gloo. Checkpoints and exports hold
-full tensors: every rank joins the gather, rank 0 writes.
+weights are gathered for its forward and backward and freed after. The loop shards the network
+itself, so FSDP runs under any launcher (torchrun, ``accelerate launch --multi_gpu``) and on CPU
+processes with gloo. Checkpoints and exports hold full tensors: every rank joins the gather,
+rank 0 writes. Needs torch 2.6 (``fully_shard``); the loop imports this module only with
+``train.fsdp``.
 """
 from __future__ import annotations
 
