@@ -185,6 +185,15 @@ def test_two_process_cpu_training_exits_0_with_the_same_weights(tmp_path, launch
     assert lr[4] == pytest.approx(base * 5 / 8)  # after 4 updates, (4 + 1) / 8 of the lr
 
 
+def launch_two(out, config, *overrides):
+    """``gendistill train`` on two real CPU processes (torchrun, gloo)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gendistill", "--verbose",
+                           "train", *config, f"output_dir={out}", "train.cpu=true", *overrides],
+                          capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
 ADVERSARIES = {
     "msd-adversarial": ["configs/msd/toy2d.yaml", "msd.num_students=2", "msd.num_pairs=32",
                         "msd.pair_steps=4", "msd.adversarial=true", "msd.gan_start=4",
@@ -205,24 +214,10 @@ def test_two_process_training_keeps_the_second_player_in_step(tmp_path, method):
     the other in the same process group, and rank 0 alone assembles the pipeline."""
     teacher = tmp_path / "teacher"
     assert train(teacher, "train.max_steps=2").returncode == 0
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gendistill", "--verbose",
-                           "train", *ADVERSARIES[method], f"teacher={teacher}",
-                           f"output_dir={tmp_path / 'run'}", "train.batch_size=32",
-                           "train.max_steps=8", "train.checkpoint_every=0", "train.cpu=true"],
-                          capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = launch_two(tmp_path / "run", ADVERSARIES[method], f"teacher={teacher}",
+                      "train.batch_size=32", "train.max_steps=8", "train.checkpoint_every=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "all 2 ranks hold the same weights" in proc.stdout + proc.stderr
-
-
-def launch_two(out, config, *overrides):
-    """``gendistill train`` on two real CPU processes (torchrun, gloo)."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gendistill", "--verbose",
-                           "train", *config, f"output_dir={out}", "train.cpu=true", *overrides],
-                          capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
 def exported_weights(run) -> dict:
