@@ -72,3 +72,18 @@ def test_the_machine_load_is_none_where_the_os_has_none(monkeypatch):
     assert machine_load() >= 0  # Linux
     monkeypatch.delattr(os, "getloadavg")  # as on Windows
     assert machine_load() is None
+
+
+def test_a_callers_own_accelerator_is_checked_as_the_loops_own(tmp_path):
+    """train(..., accelerator=...) from Python meets the checks the CLI's run meets: here
+    train.fsdp=true on one process, refused before anything is written."""
+    from accelerate import Accelerator
+
+    from gendistill.config import ConfigError, load_config
+    from gendistill.training.loop import train
+
+    cfg = load_config("configs/teacher/toy2d.yaml", [f"output_dir={tmp_path / 'run'}",
+                                                     "train.fsdp=true"])
+    with pytest.raises(ConfigError, match="train.fsdp=true shards the network over processes"):
+        train(cfg, method=None, loader=None, accelerator=Accelerator(cpu=True))
+    assert not (tmp_path / "run").exists()

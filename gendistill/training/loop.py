@@ -127,6 +127,11 @@ def make_accelerator(cfg: Config, unused_parameters: bool = False) -> Accelerato
                               # per process, which made the warm-up N x shorter on N processes
                               step_scheduler_with_optimizer=False,
                               dynamo_backend="inductor" if cfg.train.compile else "no")
+    return accelerator
+
+
+def check_accelerator(cfg: Config, accelerator: Accelerator):
+    """The process setup the loop supports (a caller's own accelerator is checked too)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         # e.g. an FSDP config on a machine without GPUs: every process would train alone
@@ -141,7 +146,6 @@ def make_accelerator(cfg: Config, unused_parameters: bool = False) -> Accelerato
                           f"train.fsdp=true")
     if cfg.train.fsdp:
         check_shardable(cfg, accelerator)
-    return accelerator
 
 
 @contextmanager
@@ -229,6 +233,7 @@ def train(cfg: Config, method, loader, accelerator: Accelerator | None = None) -
         raise ConfigError(f"output_dir: {out} is a file, not a folder")
     accelerator = accelerator or make_accelerator(cfg, getattr(method, "unused_parameters",
                                                                 False))
+    check_accelerator(cfg, accelerator)
     with run_lock(out, accelerator.is_main_process), TerminationRequest() as terminate:
         return train_locked(cfg, method, loader, accelerator, terminate)
 
