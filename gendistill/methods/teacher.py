@@ -69,7 +69,8 @@ def teacher_scheduler(cfg: Config):
 
 def network_for(cfg: Config, ds: Dataset, text_dim: int | None = None):
     n = cfg.network
-    return build_network(ds.shape, num_classes=ds.num_classes if ds.conditioning == "class" else None,
+    classes = ds.num_classes if ds.conditioning == "class" else None
+    return build_network(ds.shape, num_classes=classes,
                          cross_attention_dim=text_dim if ds.conditioning == "text" else None,
                          channels=n.channels, layers_per_block=n.layers_per_block,
                          attention=n.attention, width=n.width, depth=n.depth,
