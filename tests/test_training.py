@@ -87,3 +87,34 @@ def test_a_callers_own_accelerator_is_checked_as_the_loops_own(tmp_path):
     with pytest.raises(ConfigError, match="train.fsdp=true shards the network over processes"):
         train(cfg, method=None, loader=None, accelerator=Accelerator(cpu=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_player_frozen_under_fsdp_gets_its_gradient_in_its_own_step(tmp_path):
+    """FSDP2 (a real one-process gloo group): a player whose root keeps its gathered weights
+    after forward, read inside frozen() by a loss never backpropagated (a skipped step), still
+    gets every weight's gradient in its own next step."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "frozen_fsdp.py"
+    script.write_text(
+        "import os, torch, torch.distributed as dist\n"
+        "from torch import nn\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "from gendistill.training.loop import frozen\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29547')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "torch.manual_seed(0)\n"
+        "player = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))\n"
+        "fully_shard(player, reshard_after_forward=False)\n"
+        "x = torch.randn(5, 3, requires_grad=True)\n"
+        "with frozen(player):\n"
+        "    player(x).sum()\n"
+        "player(x).sum().backward()\n"
+        "print('missing', sum(p.grad is None for p in player.parameters()))\n"
+        "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                               "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "missing 0" in proc.stdout

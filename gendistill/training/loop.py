@@ -59,6 +59,11 @@ def frozen(module: nn.Module):
     finally:
         for p in trained:
             p.requires_grad_(True)
+        # an FSDP2 module that keeps its gathered weights after forward gathered them here
+        # with no gradient, and would reuse them so in its own step: drop them
+        reshard = getattr(module, "reshard", None)
+        if callable(reshard):
+            reshard()
 
 
 def lr_decay(schedule: str, step: int, max_steps: int) -> float:
