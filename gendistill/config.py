@@ -99,6 +99,8 @@ class CTMConfig:
     sigma_max: float | None = None  # top of the grid, the DSM levels and the student's range;
                                    # unset: the teacher's sigma_max
     max_jump: int | None = None    # K, default N - 1
+    final_jump_prob: float = 0.0   # the share of CTM pairs whose s is sigma_min (the 1-step
+                                   # jump); the rest draw s uniformly as CTM does
     match_point: str = "zs"        # zs (SoundCTM) or z0 (CTM)
     distance: str = "teacher_feature"  # teacher_feature, l2 or lpips
     denoising_weight: float = 1.0  # w in front of the adaptive DSM term (0 turns it off)
@@ -278,6 +280,7 @@ RANGES = {
     "edm.sigma_data": (0, INF, True), "edm.p_mean": (-INF, INF, False),
     "edm.p_std": (0, INF, True),
     "ctm.num_grid": (2, 10000, False), "ctm.max_jump": (1, 10000, False),
+    "ctm.final_jump_prob": (0, 1.0, False),
     "ctm.sigma_max": (0, INF, True),
     "ctm.denoising_weight": (0, INF, False), "ctm.guidance_min": (1, 100, False),
     "ctm.guidance_max": (1, 100, False), "ctm.target_ema": (0, 1.0, False),

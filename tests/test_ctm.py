@@ -35,6 +35,26 @@ def test_time_sampling_follows_p_k_proportional_to_k():
     assert sample_ctm_times(1000, grid, max_jump=3).k.max() <= 3
 
 
+def test_final_jump_prob_sends_that_share_of_jumps_to_sigma_min():
+    n, grid = 200_000, 18
+
+    def draw(p):
+        return sample_ctm_times(n, grid, generator=torch.Generator().manual_seed(0),
+                                final_jump_prob=p)
+
+    # the default's times are drawn as before: the key changes nothing when off
+    before = sample_ctm_times(n, grid, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(vars(draw(0.0)).values(), vars(before).values()))
+    assert (draw(1.0).j == grid - 1).all()
+    half = draw(0.5)
+    # half forced, plus the uniform draw's own share of j = N - 1 among the other half
+    uniform_share = (before.j == grid - 1).float().mean()
+    share = (half.j == grid - 1).float().mean()
+    torch.testing.assert_close(share, 0.5 + 0.5 * uniform_share, atol=5e-3, rtol=0)
+    assert torch.equal(half.i, before.i) and torch.equal(half.k, before.k)  # only s moves
+    assert (half.i + half.k <= half.j).all()
+
+
 def test_untrained_student_is_the_teacher():
     net = tiny_unet()
     student = CTMStudent.from_teacher(net, 0.5, 0.002, embed_guidance=True)

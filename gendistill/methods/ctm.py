@@ -48,8 +48,10 @@ class CTMTimes:
 
 
 def sample_ctm_times(n: int, num_grid: int, max_jump: int | None = None, device=None,
-                     generator: torch.Generator | None = None) -> CTMTimes:
-    """k in {1..K} with P(k) ∝ k; i ~ U{0..N-1-k}; j ~ U{i+k..N-1}."""
+                     generator: torch.Generator | None = None,
+                     final_jump_prob: float = 0.0) -> CTMTimes:
+    """k in {1..K} with P(k) ∝ k; i ~ U{0..N-1-k}; j ~ U{i+k..N-1}, or j = N-1 (s = sigma_min,
+    the jump a 1-step sample makes) with probability ``final_jump_prob``."""
     max_jump = num_grid - 1 if max_jump is None else max_jump
     if not 1 <= max_jump <= num_grid - 1:
         raise ValueError(f"max_jump must be in [1, {num_grid - 1}], got {max_jump}")
@@ -57,6 +59,8 @@ def sample_ctm_times(n: int, num_grid: int, max_jump: int | None = None, device=
     k = torch.multinomial(weights, n, replacement=True, generator=generator) + 1
     i = (torch.rand(n, generator=generator) * (num_grid - k)).long()
     j = i + k + (torch.rand(n, generator=generator) * (num_grid - i - k)).long()
+    if final_jump_prob > 0:  # no extra draw otherwise: the default's times stay as they were
+        j = torch.where(torch.rand(n, generator=generator) < final_jump_prob, num_grid - 1, j)
     return CTMTimes(i.to(device), k.to(device), j.to(device))
 
 
@@ -342,7 +346,8 @@ class CTMTraining:
         if self.distill_guidance:
             guidance = torch.empty(n, device=device).uniform_(c.guidance_min, c.guidance_max)
 
-        times = sample_ctm_times(n, c.num_grid, c.max_jump, device=device)
+        times = sample_ctm_times(n, c.num_grid, c.max_jump, device=device,
+                                 final_jump_prob=c.final_jump_prob)
         t, u, s = grid[times.i], grid[times.i + times.k], grid[times.j]
         x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
         target_net = self.target.model
