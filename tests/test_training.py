@@ -98,12 +98,12 @@ def test_a_player_frozen_under_fsdp_gets_its_gradient_in_its_own_step(tmp_path):
 
     script = tmp_path / "frozen_fsdp.py"
     script.write_text(
-        "import os, torch, torch.distributed as dist\n"
+        "import torch, torch.distributed as dist\n"
         "from torch import nn\n"
         "from torch.distributed.fsdp import fully_shard\n"
         "from gendistill.training.loop import frozen\n"
-        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29547')\n"
-        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'group'}', rank=0, "
+        "world_size=1)\n"
         "torch.manual_seed(0)\n"
         "player = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))\n"
         "fully_shard(player, reshard_after_forward=False)\n"
