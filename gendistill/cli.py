@@ -95,6 +95,17 @@ def sigma_list(text: str) -> tuple[float, ...]:
     return sigmas
 
 
+def start_kinds(text: str) -> tuple[str, ...]:
+    """``noise,gaussian`` -> ("noise", "gaussian"): what a CTM student's jump may start from."""
+    from .eval.calibrate import START_KINDS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds or set(kinds) - set(START_KINDS):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(START_KINDS)}, got "
+                                         f"{text!r}")
+    return kinds
+
+
 def check_condition_flags(pipe, args):
     """--class for class-conditional models (a label they know), --prompt for text ones."""
     from .pipelines.base import null_class
@@ -253,7 +264,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .eval.calibrate import DEFAULT_STARTS, calibrate_one_step_sigma, save_calibration
+    from .eval.calibrate import (DEFAULT_STARTS, START_KINDS, calibrate_one_step_sigma,
+                                 chosen_start, save_calibration, start_name)
     from .eval.evaluate import _check_dataset
     from .pipelines import model_folder
 
@@ -267,14 +279,16 @@ def cmd_calibrate(args) -> int:
         kwargs["max_grain_increase"] = args.max_grain_increase
     report = calibrate_one_step_sigma(pipe, args.dataset, args.starts or DEFAULT_STARTS,
                                       args.num_samples, args.seed,
-                                      progress=not args.no_progress, **kwargs)
+                                      progress=not args.no_progress,
+                                      kinds=args.start_kinds or START_KINDS,
+                                      **kwargs)
     limit = report["grain_limit"]
     for row in report["starts"]:
         grain = "" if row["grain"] is None else f", grain {row['grain']:.4g}"
         if not row["eligible"]:
             above = limit is not None and row["grain"] is not None and row["grain"] > limit
             grain += f": above {limit:.4g}, not a choice" if above else ": not a choice"
-        print(f"start sigma {row['sigma']:g}: {report['score_name']} {row['score']:.4g} "
+        print(f"start sigma {start_name(row)}: {report['score_name']} {row['score']:.4g} "
               f"(train split){grain}")
     if (limit is None and report["grain_reference"] is not None
             and any(row["grain"] is not None for row in report["starts"])):
@@ -282,17 +296,20 @@ def cmd_calibrate(args) -> int:
               f"the others to; chosen by {report['score_name']} alone")
     if args.out:
         write_json(args.out, report)
+    best = chosen_start(report)
     folder = model_folder(args.model_dir)
     if args.dry_run:
-        print(f"best start: {report['one_step_sigma']:g} (not saved: --dry-run)")
+        print(f"best start: {start_name(best)} (not saved: --dry-run)")
         return 0
     try:
         save_calibration(pipe, folder, report)
     except OSError as error:  # e.g. a read-only installed package
         raise UsageError(f"cannot write the calibration into {folder}: {error}") from None
     previous = report["previous_one_step_sigma"]
-    print(f"one_step_sigma {'sigma_max' if previous is None else f'{previous:g}'} -> "
-          f"{report['one_step_sigma']:g}: wrote {folder / 'scheduler'} and "
+    before = {"sigma": previous, "start": report["previous_start"]}
+    start = f", {folder / 'start'}" if report["start"] == "gaussian" else ""
+    print(f"one_step_sigma {'sigma_max' if previous is None else start_name(before)} -> "
+          f"{start_name(best)}: wrote {folder / 'scheduler'}{start} and "
           f"{folder / 'calibration.json'}")
     return 0
 
@@ -413,13 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a CTM student's 1-step samples from each start "
                        "(--starts) on the dataset's train split, never the test split that "
                        "evaluate reports, and write the best start into the folder's scheduler "
-                       "(one_step_sigma) with the sweep in calibration.json.")
+                       "(one_step_sigma) with the sweep in calibration.json. Each start is "
+                       "tried from noise and from the Gaussian start (the train split's "
+                       "Gaussian approximation carries sigma_max noise down to it); a winning "
+                       "Gaussian start is saved as the folder's start/ component.")
     k.add_argument("model_dir", help="a CTM student folder (or its run's output_dir)")
     k.add_argument("--dataset", required=True, metavar="NAME",
                    help="toy2d, digits or synthsounds")
     k.add_argument("--starts", type=sigma_list, metavar="S,S,...",
-                   help="candidate noise levels (default 80,40,20,10,7,5; above the "
+                   help="candidate noise levels (default 80,40,20,10,7,5,3,2,1.5; above the "
                    "student's sigma_max: its sigma_max)")
+    k.add_argument("--start-kinds", type=start_kinds, metavar="K,K",
+                   help="what a jump starts from: noise, gaussian or both (default "
+                   "noise,gaussian)")
     k.add_argument("--guidance", type=float, metavar="W",
                    help="CFG scale to calibrate at (default: the pipeline's own)")
     k.add_argument("--num-samples", type=int, metavar="N",

@@ -3,6 +3,7 @@
 # (gendistill.models, no training code) are imported here so every saved folder loads.
 import gendistill.models.networks  # noqa: F401
 import gendistill.models.msd  # noqa: F401
+import gendistill.models.start  # noqa: F401
 import gendistill.models.student  # noqa: F401
 from .audio import HifiGanVocoder, MelVocoder
 from .base import ConditionalPipeline, SamplesOutput

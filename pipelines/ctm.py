@@ -101,14 +101,14 @@ class CTMPipeline(ConditionalPipeline):
     """One network call per step: x <- G(x, t, s) with gamma-sampling and nu-interpolation."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vocoder", "vae", "text_encoder", "tokenizer"]
+    _optional_components = ["vocoder", "vae", "text_encoder", "tokenizer", "start"]
 
     def __init__(self, unet, scheduler: CTMScheduler, vocoder=None,
                  text_encoder_name: str | None = None, vae=None, text_encoder=None,
-                 tokenizer=None):
+                 tokenizer=None, start=None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vocoder=vocoder, vae=vae,
-                              text_encoder=text_encoder, tokenizer=tokenizer)
+                              text_encoder=text_encoder, tokenizer=tokenizer, start=start)
         self.register_to_config(text_encoder_name=text_encoder_name)
 
     def jump(self, x, t, s, cond, guidance, nu: float, uncond=None, return_estimate=False):
@@ -125,6 +125,17 @@ class CTMPipeline(ConditionalPipeline):
             g = g_uncond + nu * (g_cond - g_uncond)
         jumped = trajectory_jump(x, t, s, g)  # linear in g: nu combines the estimates
         return (jumped, g) if return_estimate else jumped
+
+    def start_point(self, cond, n: int, generator=None, latents=None) -> torch.Tensor:
+        """x where the first jump starts, t_0: t_0 z; or, with a Gaussian ``start``
+        (``gendistill calibrate`` fits it to the data), sigma_max z carried down to t_0 by the
+        data's Gaussian approximation, which costs no network call."""
+        t0 = self.scheduler.init_noise_sigma
+        if self.start is None:
+            return self.initial_noise(n, t0, generator, latents)
+        top = self.scheduler.config.sigma_max
+        x = self.initial_noise(n, top, generator, latents)
+        return self.start(x, top, t0, cond if self.conditioning == "class" else None)
 
     @torch.no_grad()
     def __call__(self, class_labels=None, prompt=None, batch_size: int = 1,
@@ -160,8 +171,7 @@ class CTMPipeline(ConditionalPipeline):
         if guided and num_inference_steps < 2:
             raise ValueError("guided control acts between jumps: num_inference_steps must be "
                              ">= 2 (or use control method 'noise')")
-        x = self.initial_noise(len(conditions), self.scheduler.init_noise_sigma, generator,
-                               latents)
+        x = self.start_point(cond, len(conditions), generator, latents)
         if control is not None and control.method == "noise":
             t, s_min = float(self.scheduler.sigmas[0]), float(self.scheduler.sigmas[-1])
             x = optimise_noise(lambda z: self.jump(z, t, s_min, cond, guidance_scale, nu, uncond),

@@ -33,13 +33,42 @@ def save_with_remote_code(pipe, folder: str | Path) -> Path:
         if component is None or not isinstance(entry, list) or entry[0] in ("diffusers",
                                                                              "transformers"):
             continue
-        module_name = f"{name}_module"
-        comp_cls = type(component)
-        (folder / name / f"{module_name}.py").write_text(_shim(comp_cls.__module__,
-                                                               comp_cls.__name__))
-        index[name] = [module_name, comp_cls.__name__]
+        index[name] = _write_shim(folder / name, name, component)
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _write_shim(directory: Path, name: str, component) -> list:
+    """``<name>_module.py`` in the component's directory, importing its class; the component's
+    model_index entry."""
+    module_name = f"{name}_module"
+    comp_cls = type(component)
+    (directory / f"{module_name}.py").write_text(_shim(comp_cls.__module__, comp_cls.__name__))
+    return [module_name, comp_cls.__name__]
+
+
+def save_component(folder: str | Path, name: str, component) -> None:
+    """Replace one component of a saved pipeline folder (None removes it) without writing the
+    others again: its subfolder with its shim, and its model_index.json entry."""
+    import shutil
+
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if component is None:
+        index[name] = [None, None]
+    else:  # saved whole beside the old one, then swapped in
+        staged = folder / f".{name}.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        component.save_pretrained(staged)
+        index[name] = _write_shim(staged, name, component)
+        shutil.rmtree(folder / name, ignore_errors=True)
+        staged.rename(folder / name)
+    tmp = index_path.with_suffix(".json.tmp")  # written whole, then renamed
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tmp.replace(index_path)
+    if component is None:  # only once the index no longer names it
+        shutil.rmtree(folder / name, ignore_errors=True)
 
 
 def shims_are_ours(folder: str | Path) -> bool:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from gendistill.eval.bench import PRESETS, Preset, Row, Student, results_markdown, run_bench
+from gendistill.eval.calibrate import chosen_start, start_name
 
 
 @pytest.mark.slow
@@ -89,11 +90,12 @@ def test_bench_trains_caches_and_writes_results(tmp_path, monkeypatch):
     for key in ("ctm", "ctm-flow"):
         for seed, folder in res["seed_models"][key].items():
             chosen = saved["calibration"][key][seed]
-            scores = {float(s): v for s, v in chosen["scores"].items()}
-            assert chosen["one_step_sigma"] == min(scores, key=scores.get)
+            best = min(chosen["scores"], key=chosen["scores"].get)  # toy2d: no grain check
+            assert start_name(chosen_start(chosen)) == best
             scheduler = json.loads((Path(folder) / "scheduler" / "scheduler_config.json")
                                    .read_text())
             assert scheduler["one_step_sigma"] == chosen["one_step_sigma"]
+            assert (Path(folder) / "start").is_dir() == (chosen["start"] == "gaussian")
     assert "| ctm | 0 | " in (tmp_path / "out" / "results.md").read_text()
     # a second run reuses both trained models and their calibration
     logs.clear()

@@ -986,3 +986,72 @@ def test_a_gan_on_the_scoring_classifier_is_warned_about(caplog):
         method = CTMTraining(cfg, teacher, teacher.null_condition())
     assert "is a shipped domain classifier: the domain FID reads its features" in caplog.text
     assert method.gan_classifier is not None
+
+
+def fitted_start(scale=1.0):
+    """A per-class Gaussian start for the tiny 8x8 students: class c's samples around c / 10."""
+    from gendistill.models.start import GaussianStart
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 10
+    x = labels.view(-1, 1, 1, 1) / 10 + scale * torch.randn(200, 1, 8, 8, generator=g)
+    return GaussianStart.fit(x, labels, 10, rank=16)
+
+
+def test_the_gaussian_start_carries_sigma_max_noise_down_to_the_first_jump():
+    """With a ``start`` the first jump reads start(sigma_max z, sigma_max, t_0, label) instead
+    of t_0 z; from sigma_max (two or more jumps) that is sigma_max z itself, and a start fitted
+    to data that is all zeros is the noise start."""
+    from gendistill.models.start import GaussianStart
+
+    pipe = make_pipe()
+    seen = []
+    pipe.unet.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(class_labels=[0, 4, 7], latents=z, output_type="latent")
+    plain = pipe(**kw).samples
+    pipe.register_modules(start=fitted_start())
+    one = pipe(**kw).samples
+    expected = pipe.start(80 * z, 80.0, 10.0, torch.tensor([0, 4, 7]))
+    torch.testing.assert_close(seen[-1], expected)
+    assert (expected - 10 * z).abs().mean() > 0.05 and not torch.allclose(one, plain)
+    # each class its own moments: class 7's start sits around 0.7, class 0's around 0
+    assert expected[2].mean() - expected[0].mean() > 0.3
+    pipe.register_modules(start=None)
+    two = pipe(num_inference_steps=2, **kw).samples
+    pipe.register_modules(start=fitted_start())
+    torch.testing.assert_close(pipe(num_inference_steps=2, **kw).samples, two)
+    pipe.register_modules(start=GaussianStart.fit(torch.zeros(4, 1, 8, 8)))
+    torch.testing.assert_close(pipe(**kw).samples, plain)
+    with pytest.raises(ValueError, match="holds moments of 64 values per sample, got samples "
+                                         r"of shape \(1, 4, 4\)"):
+        pipe.start(torch.zeros(2, 1, 4, 4), 80.0, 10.0)
+    with pytest.raises(ValueError, match="class 3 has 0"):
+        GaussianStart.fit(torch.zeros(8, 1, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2, 4, 4]), 10)
+
+
+def test_a_gaussian_start_saved_into_a_folder_loads_with_diffusers(tmp_path):
+    """``save_component`` (what ``calibrate`` writes) adds the start to a saved student, and
+    diffusers' generic loader samples from it in a fresh process; saving None removes it."""
+    from gendistill.pipelines.remote import save_component
+
+    pipe = make_pipe()
+    folder = tmp_path / "student"
+    save_with_remote_code(pipe, folder)
+    pipe.register_modules(start=fitted_start())
+    save_component(folder, "start", pipe.start)
+    kw = dict(class_labels=[0, 4, 7], output_type="pt")
+    expected = pipe(generator=torch.Generator().manual_seed(7), **kw).samples
+    torch.save(expected, tmp_path / "expected.pt")
+    run_python(f"""
+        import torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(pipe.start).__name__ == "GaussianStart"
+        out = pipe(class_labels=[0, 4, 7], output_type="pt",
+                   generator=torch.Generator().manual_seed(7)).samples
+        torch.testing.assert_close(out, torch.load({str(tmp_path / 'expected.pt')!r}),
+                                   rtol=0, atol=1e-6)
+    """, cwd=tmp_path)
+    save_component(folder, "start", None)
+    assert not (folder / "start").exists() and CTMPipeline.from_pretrained(folder).start is None

@@ -214,3 +214,64 @@ def test_cfg_combines_both_branches_in_one_forward():
     w = torch.tensor([0.0, 1.0, 2.0, 3.0])
     torch.testing.assert_close(cfg_denoise(d, x, sigma, cond, w),
                                plain_null + bcast(w, x) * (plain_c - plain_null))
+
+
+def gaussian_data_moments(dim=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    return torch.randn(dim, generator=g, dtype=torch.float64), a @ a.T / dim
+
+
+def test_gaussian_ode_is_the_exact_flow_of_gaussian_data():
+    """For N(mu, Sigma) data the closed form equals Heun on the PF-ODE with the optimal
+    denoiser D = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu), and carries the marginal
+    N(mu, Sigma + sigma_from^2 I) exactly onto N(mu, Sigma + sigma_to^2 I)."""
+    from gendistill.diffusion.gaussian import gaussian_ode
+
+    mu, cov = gaussian_data_moments()
+    eye = torch.eye(len(mu), dtype=torch.float64)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def denoise(x, sigma):
+        return mu + (x - mu) @ torch.linalg.solve(cov + sigma ** 2 * eye, cov)
+
+    x = 80 * torch.randn(4, len(mu), generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    y, sigmas = x.clone(), torch.linspace(80, 1.5, 4001, dtype=torch.float64)
+    for a, b in zip(sigmas[:-1], sigmas[1:]):
+        d = (y - denoise(y, a)) / a
+        y_euler = y + (b - a) * d
+        y = y + (b - a) * (d + (y_euler - denoise(y_euler, b)) / b) / 2
+    # Heun's own error over 4,000 steps is 3e-5 here
+    torch.testing.assert_close(gaussian_ode(x, 80.0, 1.5, mu, eigvals, eigvecs, zero), y,
+                               rtol=0, atol=2e-4)
+    # where pure noise would only be rescaled (x 1.5 / 80), the data's moments move it far more
+    assert (y - x * 1.5 / 80).abs().max() > 0.5
+    # the map is affine: its linear part takes the one marginal's covariance to the other's
+    linear = gaussian_ode(eye + mu, 10.0, 2.0, mu, eigvals, eigvecs, zero) - mu
+    torch.testing.assert_close(linear.T @ (cov + 100 * eye) @ linear, cov + 4 * eye)
+
+
+def test_gaussian_moments_keep_the_top_eigenvectors_and_the_rest_as_one_variance():
+    """Covariance diag(9, 4, 1, 1, 1) rotated: rank 2 keeps 9 and 4, the tail's mean variance
+    (1) is exact here, so the rank-2 flow is the full one; too few samples is an error."""
+    from gendistill.diffusion.gaussian import gaussian_moments, gaussian_ode
+
+    g = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    scales = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    z = torch.randn(200_000, 5, generator=g, dtype=torch.float64)
+    z = (z - z.mean(0)) @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # whiten
+    x = 0.5 + (z * scales) @ rotation.T
+    mean, eigvals, eigvecs, residual = gaussian_moments(x, rank=2)
+    torch.testing.assert_close(mean, torch.full((5,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(eigvals, torch.tensor([9.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(residual, torch.tensor(1.0, dtype=torch.float64))
+    full = gaussian_moments(x)
+    assert full[1].shape == (5,) and full[3] == 0
+    noise = 80 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_ode(noise, 80.0, 3.0, mean, eigvals, eigvecs, residual),
+                               gaussian_ode(noise, 80.0, 3.0, *full))
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        gaussian_moments(x[:1])

@@ -498,10 +498,14 @@ def test_calibrate_chooses_the_start_on_the_train_split_and_saves_it(tmp_path, m
     pipe.scheduler.save_pretrained(folder / "scheduler")
     assert main(args) == 0
     report = json.loads((folder / "calibration.json").read_text())
-    scores = {row["sigma"]: row["score"] for row in report["starts"]}
-    assert scores[80.0] > 1.5 * scores[10.0]
+    scores = {(row["sigma"], row["start"]): row["score"] for row in report["starts"]}
+    # from sigma_max the Gaussian start is the noise itself: tried once
+    assert set(scores) == {(80.0, "noise"), (10.0, "noise"), (10.0, "gaussian")}
+    assert scores[80.0, "noise"] > 1.5 * max(scores[10.0, "noise"], scores[10.0, "gaussian"])
     assert report["one_step_sigma"] == 10.0 and report["previous_one_step_sigma"] == 80.0
-    assert load_pipeline(folder).scheduler.config.one_step_sigma == 10.0
+    loaded = load_pipeline(folder)
+    assert loaded.scheduler.config.one_step_sigma == 10.0
+    assert (loaded.start is None) == (report["start"] == "noise")
     assert set(splits) == {"train"}
     out = capsys.readouterr().out
     assert "one_step_sigma 80 -> 10" in out and "start sigma 10: domain FID" in out
@@ -559,22 +563,27 @@ def test_calibration_does_not_buy_a_score_with_grain():
 
 
 def test_calibrate_refuses_a_grainy_start_end_to_end(tmp_path, monkeypatch, capsys):
-    """``gendistill calibrate --starts 80,5`` also measures the default start 10, and refuses 5
-    (best score, 1.5x the grain from 10) in what it prints and saves; ``--max-grain-increase
-    inf`` takes 5 without measuring 10; a negative value is a one-line error."""
+    """``gendistill calibrate --starts 80,5`` also measures the default start 10 from noise, and
+    refuses noise from 5 (best score, 1.5x the grain from 10) in what it prints and saves; the
+    Gaussian start from 5, as smooth as 10, is chosen and saved as the folder's start/ (from 80
+    it is the noise: not tried). ``--start-kinds noise`` takes 10 and removes start/;
+    ``--max-grain-increase inf`` takes noise from 5 without measuring 10; a negative value or
+    an unknown kind is a one-line error."""
     import shutil
 
     import gendistill.eval.calibrate as calibrate
     from gendistill.assets import ASSETS
+    from gendistill.pipelines import load_pipeline
 
     folder = tmp_path / "student"
     shutil.copytree(ASSETS / "students" / "digits", folder)
     measured = []
 
     def evaluate(pipe, dataset, num_samples, seed, split, progress, sigmas, **kw):
-        start = sigmas[0]
-        measured.append(start)
-        score, grain = {80.0: (1.0, 0.020), 10.0: (0.8, 0.020), 5.0: (0.5, 0.030)}[start]
+        trial = (sigmas[0], "noise" if pipe.start is None else "gaussian")
+        measured.append(trial)
+        score, grain = {(80.0, "noise"): (1.0, 0.020), (10.0, "noise"): (0.8, 0.020),
+                        (5.0, "noise"): (0.5, 0.030), (5.0, "gaussian"): (0.6, 0.021)}[trial]
         return {"score": score, "grain": grain, "num_samples": 10, "score_name": "domain FID"}
 
     monkeypatch.setattr(calibrate, "evaluate_pipeline", evaluate)
@@ -582,14 +591,26 @@ def test_calibrate_refuses_a_grainy_start_end_to_end(tmp_path, monkeypatch, caps
             "--no-progress"]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert measured == [80.0, 10.0, 5.0] and "best start: 10" in out
+    assert measured == [(80.0, "noise"), (10.0, "noise"), (5.0, "noise"), (5.0, "gaussian")]
+    assert "best start: 5 (gaussian)" in out and not (folder / "start").exists()
     assert "start sigma 5: domain FID 0.5 (train split), grain 0.03: above 0.022, not a " \
            "choice" in out
+    assert main(args) == 0
+    assert "-> 5 (gaussian): wrote" in capsys.readouterr().out
+    assert load_pipeline(folder).start.config.num_conditions == 10
     measured.clear()
-    assert main([*args, "--max-grain-increase", "inf"]) == 0
-    assert measured == [80.0, 5.0] and "-> 5" in capsys.readouterr().out
+    assert main([*args, "--start-kinds", "noise"]) == 0
+    assert measured == [(80.0, "noise"), (10.0, "noise"), (5.0, "noise")]
+    assert "one_step_sigma 5 (gaussian) -> 10: wrote" in capsys.readouterr().out
+    assert load_pipeline(folder).start is None and not (folder / "start").exists()
+    measured.clear()
+    assert main([*args, "--max-grain-increase", "inf", "--start-kinds", "noise"]) == 0
+    assert measured == [(80.0, "noise"), (5.0, "noise")] and "-> 5:" in capsys.readouterr().out
     assert main([*args, "--max-grain-increase", "-1"]) == 2
     assert "max_grain_increase must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--start-kinds", "noise,latent"])
+    assert "expected some of noise,gaussian, got 'noise,latent'" in capsys.readouterr().err
 
 
 def test_the_bench_calibrates_a_student_again_only_when_the_setting_changed(tmp_path):
@@ -604,17 +625,21 @@ def test_the_bench_calibrates_a_student_again_only_when_the_setting_changed(tmp_
     shutil.copytree(ASSETS / "students" / "digits", folder)
     logs = []
     first = calibrate_cached(folder, "digits", 1.0, 100, logs.append)
-    assert len(logs) == 1 and set(first["scores"]) == {"80", "40", "20", "10", "7", "5"}
+    starts = ["40", "20", "10", "7", "5", "3", "2", "1.5"]
+    assert len(logs) == 1 and set(first["scores"]) == {
+        "80", *starts, *(f"{s} (gaussian)" for s in starts)}
     assert calibrate_cached(folder, "digits", 1.0, 100, logs.append) == first and len(logs) == 1
     calibrate_cached(folder, "digits", 3.0, 100, logs.append)
     assert len(logs) == 2 and "omega 3" in logs[1]
     saved = json.loads((folder / "calibration.json").read_text())
     assert saved["call_kwargs"] == {"guidance_scale": 3.0}
-    # a calibration from before the grain check is made again
-    del saved["max_grain_increase"]
-    (folder / "calibration.json").write_text(json.dumps(saved))
-    calibrate_cached(folder, "digits", 3.0, 100, logs.append)
-    assert len(logs) == 3
+    # a calibration from before the grain check, or before the Gaussian start, is made again
+    for key in ("max_grain_increase", "kinds"):
+        del saved[key]
+        (folder / "calibration.json").write_text(json.dumps(saved))
+        calibrate_cached(folder, "digits", 3.0, 100, logs.append)
+        saved = json.loads((folder / "calibration.json").read_text())
+    assert len(logs) == 4
 
 
 def test_attribute_accuracy_reads_pitch_and_loudness_of_real_clips():

@@ -389,11 +389,13 @@ def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: i
     """A CTM student's single-jump start, chosen on the train split once per model folder and
     setting (its calibration.json) and written into its scheduler."""
     from ..pipelines import load_pipeline
-    from .calibrate import MAX_GRAIN_INCREASE, calibrate_one_step_sigma, save_calibration
+    from .calibrate import (MAX_GRAIN_INCREASE, START_KINDS, calibrate_one_step_sigma,
+                            chosen_start, save_calibration, start_name)
 
     saved = folder / "calibration.json"
     wanted = {"dataset": dataset, "call_kwargs": {"guidance_scale": guidance},
-              "num_samples": num_samples, "max_grain_increase": MAX_GRAIN_INCREASE}
+              "num_samples": num_samples, "max_grain_increase": MAX_GRAIN_INCREASE,
+              "kinds": list(START_KINDS)}
     report = json.loads(saved.read_text()) if saved.is_file() else {}
     if any(report.get(key) != value for key, value in wanted.items()):
         pipe = load_pipeline(folder)
@@ -402,11 +404,11 @@ def calibrate_cached(folder: Path, dataset: str, guidance: float, num_samples: i
             report = calibrate_one_step_sigma(pipe, dataset, num_samples=num_samples,
                                               progress=False, guidance_scale=guidance)
         save_calibration(pipe, folder, report)
-        log(f"{folder}: single jump from sigma {report['one_step_sigma']:g} (train split, "
+        log(f"{folder}: single jump from sigma {start_name(chosen_start(report))} (train split, "
             f"omega {guidance:g})")
-    return {"one_step_sigma": report["one_step_sigma"],
-            "scores": {f"{row['sigma']:g}": round(row["score"], 5) for row in report["starts"]},
-            "refused": [f"{row['sigma']:g}" for row in report["starts"] if not row["eligible"]],
+    return {"one_step_sigma": report["one_step_sigma"], "start": report["start"],
+            "scores": {start_name(row): round(row["score"], 5) for row in report["starts"]},
+            "refused": [start_name(row) for row in report["starts"] if not row["eligible"]],
             "grain_limit": report["grain_limit"]}
 
 
@@ -776,6 +778,8 @@ def score_text(row: dict) -> str:
 
 
 def results_markdown(results: dict) -> str:
+    from .calibrate import chosen_start, start_name
+
     rows = results["rows"]
     score_name = rows[0]["score_name"]
     lines = [
@@ -889,7 +893,7 @@ def results_markdown(results: dict) -> str:
                   f"that is not finite:", "",
                   "| student | training seed | start σ | train-split score from each start |",
                   "| --- | ---: | ---: | --- |"]
-        lines += [f"| {k} | {seed} | {c['one_step_sigma']:g} | "
+        lines += [f"| {k} | {seed} | {start_name(chosen_start(c))} | "
                   + ", ".join(f"{sigma}: {v:.3g}{'*' if sigma in c.get('refused', ()) else ''}"
                               for sigma, v in c["scores"].items()) + " |"
                   for k, by_seed in results["calibration"].items()
