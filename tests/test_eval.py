@@ -478,6 +478,7 @@ def test_calibrate_chooses_the_start_on_the_train_split_and_saves_it(tmp_path, m
     import gendistill.data as data
     from gendistill.assets import ASSETS
     from gendistill.pipelines import load_pipeline
+    from gendistill.pipelines.remote import save_component
 
     folder = tmp_path / "student"
     shutil.copytree(ASSETS / "students" / "digits", folder)
@@ -489,13 +490,15 @@ def test_calibrate_chooses_the_start_on_the_train_split_and_saves_it(tmp_path, m
                                                                                      **kw))
     args = ["calibrate", str(folder), "--dataset", "digits", "--starts", "80,10", "--guidance",
             "1", "--num-samples", "300", "--no-progress"]
-    before = config.read_text()
+    before = config.read_text(), (folder / "calibration.json").read_text()
     assert main([*args, "--dry-run"]) == 0
-    assert config.read_text() == before and not (folder / "calibration.json").exists()
-    # the student's own default is 10: start it from 80 so that the choice shows
+    assert (config.read_text(), (folder / "calibration.json").read_text()) == before
+    # the shipped student jumps from 3 (Gaussian start): start it from 80 so that the choice
+    # shows, and from noise
     pipe = load_pipeline(folder)
     pipe.scheduler.register_to_config(one_step_sigma=80.0)
     pipe.scheduler.save_pretrained(folder / "scheduler")
+    save_component(folder, "start", None)
     assert main(args) == 0
     report = json.loads((folder / "calibration.json").read_text())
     scores = {(row["sigma"], row["start"]): row["score"] for row in report["starts"]}
@@ -574,9 +577,11 @@ def test_calibrate_refuses_a_grainy_start_end_to_end(tmp_path, monkeypatch, caps
     import gendistill.eval.calibrate as calibrate
     from gendistill.assets import ASSETS
     from gendistill.pipelines import load_pipeline
+    from gendistill.pipelines.remote import save_component
 
     folder = tmp_path / "student"
     shutil.copytree(ASSETS / "students" / "digits", folder)
+    save_component(folder, "start", None)  # the shipped student's Gaussian start: from noise
     measured = []
 
     def evaluate(pipe, dataset, num_samples, seed, split, progress, sigmas, **kw):
