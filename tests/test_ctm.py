@@ -1017,6 +1017,9 @@ def test_the_gaussian_start_carries_sigma_max_noise_down_to_the_first_jump():
     assert (expected - 10 * z).abs().mean() > 0.05 and not torch.allclose(one, plain)
     # each class its own moments: class 7's start sits around 0.7, class 0's around 0
     assert expected[2].mean() - expected[0].mean() > 0.3
+    # computed in the start's float32, returned in the caller's dtype
+    double = pipe.start(80 * z.double(), 80.0, 10.0, torch.tensor([0, 4, 7]))
+    assert double.dtype == torch.float64 and torch.allclose(double.float(), expected, atol=1e-5)
     pipe.register_modules(start=None)
     two = pipe(num_inference_steps=2, **kw).samples
     pipe.register_modules(start=fitted_start())

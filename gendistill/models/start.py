@@ -64,4 +64,4 @@ class GaussianStart(ModelMixin, ConfigMixin):
             rows = index == c
             out[rows] = gaussian_ode(flat[rows], sigma_from, sigma_to, self.mean[c],
                                      self.eigvals[c], self.eigvecs[c], self.residual[c])
-        return out.to(x.dtype).reshape(x.shape)
+        return out.to(x).reshape(x.shape)  # back to the caller's device and dtype
