@@ -510,6 +510,9 @@ def test_calibrate_chooses_the_start_on_the_train_split_and_saves_it(tmp_path, m
     assert loaded.scheduler.config.one_step_sigma == 10.0
     assert (loaded.start is None) == (report["start"] == "noise")
     assert set(splits) == {"train"}
+    # what evaluate then reads says where the jump started and from what
+    result = evaluate_pipeline(loaded, "digits", 20, 0, progress=False, guidance_scale=1.0)
+    assert (result["start_sigma"], result["start"]) == (10.0, report["start"])
     out = capsys.readouterr().out
     assert "one_step_sigma 80 -> 10" in out and "start sigma 10: domain FID" in out
     # each start's grain is printed, held to 1.1x the default start's

@@ -176,6 +176,9 @@ def evaluate_pipeline(pipe, dataset_name: str, num_samples: int | None = None, s
         "nfe": round(nfe, 3), "network_calls": calls,
         "score_name": SCORE_NAMES[dataset_name], "score": None, "cond_acc": None,
     }
+    if hasattr(pipe, "start"):  # a CTM student: where its first jump started, and from what
+        result.update(start_sigma=round(float(pipe.scheduler.sigmas[0]), 6),
+                      start="noise" if pipe.start is None else "gaussian")
     if dataset_name == "toy2d":
         labels = torch.tensor(conditions)
         g = torch.Generator().manual_seed(seed + REFERENCE_SEED_OFFSET)
