@@ -45,14 +45,16 @@ teachers: $(STAMP)
 	done
 
 # Redistil the shipped 1-step CTM students from the shipped teachers (about 20 + 35 + 75-100
-# minutes on one CPU thread) and copy them into the package; the digits student's single jump
-# then starts where calibrate chooses on the train split (its Gaussian start from 3).
+# minutes on one CPU thread) and copy them into the package; the digits and sound students'
+# single jumps then start where calibrate chooses on the train split (Gaussian, from 3 and 5).
 students: $(STAMP)
 	for name in toy2d digits synthsounds; do \
 	  $(call ship,ctm/$$name,ctm-$$name,students/$$name); \
 	done
 	$(VENV)/bin/gendistill calibrate gendistill/assets/students/digits --dataset digits \
 	  --guidance 1
+	$(VENV)/bin/gendistill calibrate gendistill/assets/students/synthsounds \
+	  --dataset synthsounds
 
 clean:
 	rm -rf runs .pytest_cache
