@@ -8,6 +8,7 @@ one-line modules that import the classes from the installed gendistill package.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 PIPELINE_MODULE = "pipeline"
@@ -50,8 +51,6 @@ def _write_shim(directory: Path, name: str, component) -> list:
 def save_component(folder: str | Path, name: str, component) -> None:
     """Replace one component of a saved pipeline folder (None removes it) without writing the
     others again: its subfolder with its shim, and its model_index.json entry."""
-    import shutil
-
     folder = Path(folder)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())

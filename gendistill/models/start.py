@@ -40,19 +40,18 @@ class GaussianStart(ModelMixin, ConfigMixin):
         moments = [gaussian_moments(group, rank) for group in groups]
         mean, eigvals, eigvecs, residual = (torch.stack(m).float() for m in zip(*moments))
         start = cls(num_conditions=len(groups), dim=mean.shape[1], rank=eigvals.shape[1])
-        for name, value in zip(("mean", "eigvals", "eigvecs", "residual"),
-                               (mean, eigvals, eigvecs, residual)):
-            getattr(start, name).copy_(value)
+        start.load_state_dict({"mean": mean, "eigvals": eigvals, "eigvecs": eigvecs,
+                               "residual": residual})
         return start
 
     def forward(self, x: torch.Tensor, sigma_from: float, sigma_to: float,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, ...] at ``sigma_from`` carried to ``sigma_to``; ``labels`` pick each sample's
         class (ignored, and may be None, when the moments are one for all)."""
-        if self.config.num_conditions == 1 or labels is None:
-            if self.config.num_conditions != 1:
-                raise ValueError("this Gaussian start is per class: pass the class labels")
+        if self.config.num_conditions == 1:
             index = torch.zeros(len(x), dtype=torch.long, device=self.mean.device)
+        elif labels is None:
+            raise ValueError("this Gaussian start is per class: pass the class labels")
         else:
             index = labels.to(self.mean.device).long()
         flat = x.flatten(1).to(self.mean)
