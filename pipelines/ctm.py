@@ -128,12 +128,13 @@ class CTMPipeline(ConditionalPipeline):
 
     def start_point(self, cond, n: int, generator=None, latents=None) -> torch.Tensor:
         """x where the first jump starts, t_0: t_0 z; or, with a Gaussian ``start``
-        (``gendistill calibrate`` fits it to the data), sigma_max z carried down to t_0 by the
-        data's Gaussian approximation, which costs no network call."""
+        (``gendistill calibrate`` fits it to the data), its sigma_max z carried down to t_0 by
+        the data's Gaussian approximation, which costs no network call (from the start's
+        sigma_max, not the student's: a student trained below it starts on the marginal)."""
         t0 = self.scheduler.init_noise_sigma
         if self.start is None:
             return self.initial_noise(n, t0, generator, latents)
-        top = self.scheduler.config.sigma_max
+        top = max(self.start.config.sigma_max, t0)
         x = self.initial_noise(n, top, generator, latents)
         return self.start(x, top, t0, cond if self.conditioning == "class" else None)
 

@@ -1033,6 +1033,34 @@ def test_the_gaussian_start_carries_sigma_max_noise_down_to_the_first_jump():
         GaussianStart.fit(torch.zeros(8, 1, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2, 4, 4]), 10)
 
 
+def test_a_student_trained_below_sigma_max_draws_its_noise_where_the_start_does():
+    """A student whose range ends at 5 (``ctm.sigma_max=5``) starts every grid from the Gaussian
+    start's own sigma_max: its 1- and 2-jump grids read start(80 z, 80, 5), on the data's
+    marginal, where 5 z is not; without a start it is 5 z; a start saved before the key existed
+    loads at 80."""
+    from gendistill.models.start import GaussianStart
+
+    pipe = make_pipe()
+    pipe.scheduler = CTMScheduler(sigma_max=5.0)
+    seen = []
+    pipe.unet.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 4, 7])
+    kw = dict(class_labels=labels.tolist(), latents=z, output_type="latent")
+    pipe(**kw)
+    torch.testing.assert_close(seen[-1], 5 * z)
+    pipe.register_modules(start=fitted_start())
+    assert pipe.start.config.sigma_max == 80.0
+    expected = pipe.start(80 * z, 80.0, 5.0, labels)
+    for steps in (1, 2):
+        seen.clear()
+        pipe(num_inference_steps=steps, **kw)
+        torch.testing.assert_close(seen[0], expected)
+    config = dict(pipe.start.config)
+    config.pop("sigma_max")
+    assert GaussianStart.from_config(config).config.sigma_max == 80.0
+
+
 def test_a_gaussian_start_saved_into_a_folder_loads_with_diffusers(tmp_path):
     """``save_component`` (what ``calibrate`` writes) adds the start to a saved student, and
     diffusers' generic loader samples from it in a fresh process; saving None removes it."""

@@ -573,8 +573,9 @@ def test_calibrate_refuses_a_grainy_start_end_to_end(tmp_path, monkeypatch, caps
     refuses noise from 5 (best score, 1.5x the grain from 10) in what it prints and saves; the
     Gaussian start from 5, as smooth as 10, is chosen and saved as the folder's start/ (from 80
     it is the noise: not tried). ``--start-kinds noise`` takes 10 and removes start/;
-    ``--max-grain-increase inf`` takes noise from 5 without measuring 10; a negative value or
-    an unknown kind is a one-line error."""
+    ``--max-grain-increase inf`` takes noise from 5 without measuring 10; a student whose range
+    ends at 5 tries both kinds there; a negative value or an unknown kind is a one-line
+    error."""
     import shutil
 
     import gendistill.eval.calibrate as calibrate
@@ -614,6 +615,14 @@ def test_calibrate_refuses_a_grainy_start_end_to_end(tmp_path, monkeypatch, caps
     measured.clear()
     assert main([*args, "--max-grain-increase", "inf", "--start-kinds", "noise"]) == 0
     assert measured == [(80.0, "noise"), (5.0, "noise")] and "-> 5:" in capsys.readouterr().out
+    # a student trained below 10 (``ctm.sigma_max=5``): its grain reference is noise at its
+    # sigma_max, and the Gaussian start is tried there too (its noise enters at 80, not 5)
+    pipe = load_pipeline(folder)
+    pipe.scheduler.register_to_config(sigma_max=5.0)
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    measured.clear()
+    assert main([*args, "--dry-run"]) == 0
+    assert measured == [(5.0, "noise"), (5.0, "gaussian")]
     assert main([*args, "--max-grain-increase", "-1"]) == 2
     assert "max_grain_increase must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):

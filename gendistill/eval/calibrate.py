@@ -148,8 +148,8 @@ def calibrate_one_step_sigma(pipe, dataset_name: str, starts=DEFAULT_STARTS,
               for sigma in candidate_starts(pipe.scheduler, starts,
                                             reference if kind == "noise" else None)
               if (kind in kinds or sigma == reference)
-              # from sigma_max the Gaussian start is sigma_max z itself: no second trial
-              and not (kind == "gaussian" and sigma >= pipe.scheduler.config.sigma_max)]
+              # from its sigma_max the Gaussian start is the noise itself: no second trial
+              and not (kind == "gaussian" and sigma >= components[kind].config.sigma_max)]
     sweep, failed = [], []
     for kind, start in tqdm(trials, desc="starts", disable=not progress):
         pipe.register_modules(start=components[kind])

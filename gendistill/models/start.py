@@ -9,6 +9,7 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from ..diffusion.gaussian import gaussian_moments, gaussian_ode
+from ..diffusion.sigmas import SIGMA_MAX
 
 # Digits (64 dimensions) keep every eigenvector; beyond this the rest share one variance.
 DEFAULT_RANK = 128
@@ -17,10 +18,13 @@ DEFAULT_RANK = 128
 class GaussianStart(ModelMixin, ConfigMixin):
     """The data's Gaussian moments, one set per condition, in the network's space; called as
     ``start(x, sigma_from, sigma_to, labels)`` it solves their PF-ODE from x at ``sigma_from``
-    to ``sigma_to``, which costs no network call."""
+    to ``sigma_to``, which costs no network call. ``sigma_max``: where a sampler's noise enters
+    it, a level at which noise stands for the data's marginal; a student trained below it
+    (``ctm.sigma_max``) still draws its noise there."""
 
     @register_to_config
-    def __init__(self, num_conditions: int = 1, dim: int = 1, rank: int = 1):
+    def __init__(self, num_conditions: int = 1, dim: int = 1, rank: int = 1,
+                 sigma_max: float = SIGMA_MAX):
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_conditions, dim))
         self.register_buffer("eigvals", torch.zeros(num_conditions, rank))
@@ -29,7 +33,8 @@ class GaussianStart(ModelMixin, ConfigMixin):
 
     @classmethod
     def fit(cls, x: torch.Tensor, labels: torch.Tensor | None = None,
-            num_classes: int | None = None, rank: int = DEFAULT_RANK) -> "GaussianStart":
+            num_classes: int | None = None, rank: int = DEFAULT_RANK,
+            sigma_max: float = SIGMA_MAX) -> "GaussianStart":
         """The moments of samples x [N, ...] in the network's space, per class of ``labels``
         (``num_classes`` of them) or of all samples when ``labels`` is None."""
         groups = [x] if labels is None else [x[labels == c] for c in range(num_classes)]
@@ -39,7 +44,8 @@ class GaussianStart(ModelMixin, ConfigMixin):
                                  f"class {c} has {len(group)}")
         moments = [gaussian_moments(group, rank) for group in groups]
         mean, eigvals, eigvecs, residual = (torch.stack(m).float() for m in zip(*moments))
-        start = cls(num_conditions=len(groups), dim=mean.shape[1], rank=eigvals.shape[1])
+        start = cls(num_conditions=len(groups), dim=mean.shape[1], rank=eigvals.shape[1],
+                    sigma_max=sigma_max)
         start.load_state_dict({"mean": mean, "eigvals": eigvals, "eigvecs": eigvecs,
                                "residual": residual})
         return start
