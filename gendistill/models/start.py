@@ -33,8 +33,7 @@ class GaussianStart(ModelMixin, ConfigMixin):
 
     @classmethod
     def fit(cls, x: torch.Tensor, labels: torch.Tensor | None = None,
-            num_classes: int | None = None, rank: int = DEFAULT_RANK,
-            sigma_max: float = SIGMA_MAX) -> "GaussianStart":
+            num_classes: int | None = None, rank: int = DEFAULT_RANK) -> "GaussianStart":
         """The moments of samples x [N, ...] in the network's space, per class of ``labels``
         (``num_classes`` of them) or of all samples when ``labels`` is None."""
         groups = [x] if labels is None else [x[labels == c] for c in range(num_classes)]
@@ -44,8 +43,7 @@ class GaussianStart(ModelMixin, ConfigMixin):
                                  f"class {c} has {len(group)}")
         moments = [gaussian_moments(group, rank) for group in groups]
         mean, eigvals, eigvecs, residual = (torch.stack(m).float() for m in zip(*moments))
-        start = cls(num_conditions=len(groups), dim=mean.shape[1], rank=eigvals.shape[1],
-                    sigma_max=sigma_max)
+        start = cls(num_conditions=len(groups), dim=mean.shape[1], rank=eigvals.shape[1])
         start.load_state_dict({"mean": mean, "eigvals": eigvals, "eigvecs": eigvecs,
                                "residual": residual})
         return start
