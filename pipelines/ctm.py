@@ -128,9 +128,8 @@ class CTMPipeline(ConditionalPipeline):
 
     def start_point(self, cond, n: int, generator=None, latents=None) -> torch.Tensor:
         """x where the first jump starts, t_0: t_0 z; or, with a Gaussian ``start``
-        (``gendistill calibrate`` fits it to the data), its sigma_max z carried down to t_0 by
-        the data's Gaussian approximation, which costs no network call (from the start's
-        sigma_max, not the student's: a student trained below it starts on the marginal)."""
+        (``gendistill calibrate`` fits it to the data), the noise at the start's own sigma_max
+        carried down to t_0 by the data's Gaussian approximation, no network call."""
         t0 = self.scheduler.init_noise_sigma
         if self.start is None:
             return self.initial_noise(n, t0, generator, latents)
