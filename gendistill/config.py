@@ -101,6 +101,8 @@ class CTMConfig:
     max_jump: int | None = None    # K, default N - 1
     final_jump_prob: float = 0.0   # the share of CTM pairs whose s is sigma_min (the 1-step
                                    # jump); the rest draw s uniformly as CTM does
+    start_sampling: str = "jump"   # jump: k ∝ k first, then t (most starts near sigma_max);
+                                   # uniform: t uniform over the grid, then k ∝ k that fits
     match_point: str = "zs"        # zs (SoundCTM) or z0 (CTM)
     distance: str = "teacher_feature"  # teacher_feature, l2 or lpips
     denoising_weight: float = 1.0  # w in front of the adaptive DSM term (0 turns it off)
@@ -305,6 +307,7 @@ CHOICES = {
     "diffusion.parameterization": ("edm", "vp-eps", "vp-v", "flow"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"), "ctm.match_point": ("zs", "z0"),
     "ctm.distance": ("teacher_feature", "l2", "lpips"), "ctm.target_inner": ("ema", "online"),
+    "ctm.start_sampling": ("jump", "uniform"),
     "msd.partition": ("contiguous", "kmeans", "random", "balanced"),
     "msd.student_init": ("select", "random"),
 }

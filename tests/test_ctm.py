@@ -35,6 +35,27 @@ def test_time_sampling_follows_p_k_proportional_to_k():
     assert sample_ctm_times(1000, grid, max_jump=3).k.max() <= 3
 
 
+def test_uniform_start_sampling_trains_every_start_as_often():
+    n, grid = 200_000, 18
+    times = sample_ctm_times(n, grid, generator=torch.Generator().manual_seed(0),
+                             start_sampling="uniform")
+    i, k, j = times.i, times.k, times.j
+    assert (k >= 1).all() and (i + k <= j).all() and (j <= grid - 1).all()
+    freq = torch.bincount(i, minlength=grid - 1).float() / n
+    torch.testing.assert_close(freq, torch.full((grid - 1,), 1 / (grid - 1)), atol=3e-3, rtol=0)
+    # given t, k ∝ k among the jumps that fit: from grid[14], k = 1, 2, 3 as 1 : 2 : 3
+    fit = torch.bincount(k[i == 14], minlength=4)[1:].float() / (i == 14).sum()
+    torch.testing.assert_close(fit, torch.tensor([1, 2, 3]) / 6, atol=1e-2, rtol=0)
+    top = torch.bincount(k[i == 0], minlength=grid)[1:].float() / (i == 0).sum()
+    expected = torch.arange(1, grid).float() / torch.arange(1, grid).sum()
+    torch.testing.assert_close(top, expected, atol=1e-2, rtol=0)
+    capped = sample_ctm_times(n, grid, max_jump=3, start_sampling="uniform")
+    assert capped.k.max() <= 3 and (capped.i + capped.k <= grid - 1).all()
+    assert (capped.i == grid - 2).any()  # the last start is drawn too
+    with pytest.raises(ValueError, match="start_sampling"):
+        sample_ctm_times(4, grid, start_sampling="top")
+
+
 def test_final_jump_prob_sends_that_share_of_jumps_to_sigma_min():
     n, grid = 200_000, 18
 
