@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from filelock import FileLock
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -122,6 +124,14 @@ def null_class(net) -> int | None:
     return n - 1 if n else None
 
 
+def shim_lock_path() -> Path:
+    """The lock every gendistill process takes while diffusers copies and imports shims."""
+    from diffusers.utils.constants import HF_MODULES_CACHE
+
+    Path(HF_MODULES_CACHE).mkdir(parents=True, exist_ok=True)
+    return Path(HF_MODULES_CACHE) / "gendistill-shims.lock"
+
+
 class ConditionalPipeline(DiffusionPipeline):
     """Base for pipelines whose network takes class labels or prompt token states."""
 
@@ -131,14 +141,17 @@ class ConditionalPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Folders saved with their import shims (see ``remote.py``) load without
         ``trust_remote_code`` when every shim is exactly ours; anything else must opt in."""
-        from pathlib import Path
-
         from .remote import shims_are_ours
 
         folder = Path(pretrained_model_name_or_path)
-        if (folder / "model_index.json").is_file() and shims_are_ours(folder):
-            kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not ((folder / "model_index.json").is_file() and shims_are_ours(folder)):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        kwargs.setdefault("trust_remote_code", True)
+        # diffusers copies each shim to one shared file per name (HF_MODULES_CACHE/.../local/
+        # unet_module.py), truncating it first, and imports it from there: a second process
+        # loading at that moment imports an empty module. One load at a time on this machine.
+        with FileLock(shim_lock_path()):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def network(self):

@@ -320,6 +320,33 @@ def test_round_trip_and_diffusers_remote_code_loading(tmp_path):
     assert out.strip() == "CTMPipeline"
 
 
+def test_loading_copies_the_shims_under_the_shared_lock(tmp_path, monkeypatch):
+    """diffusers rewrites one shared copy of each shim on every load, so two processes loading
+    at once could import a half-written one: every copy happens while our lock is held (a
+    second flock on its file is refused)."""
+    import fcntl
+    import shutil
+
+    from gendistill.pipelines.base import shim_lock_path
+
+    save_with_remote_code(make_pipe(), tmp_path / "student")
+    copy, held = shutil.copyfile, []
+
+    def copyfile(src, dst, *args, **kwargs):
+        with open(shim_lock_path(), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    CTMPipeline.from_pretrained(tmp_path / "student")
+    assert len(held) >= 2 and all(held)  # the pipeline's shim and the student's
+
+
 def test_tampered_shim_needs_explicit_trust(tmp_path):
     pipe = make_pipe()
     save_with_remote_code(pipe, tmp_path)
