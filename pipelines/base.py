@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from filelock import FileLock
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from filelock import FileLock
 
 from .text import text_encoder_of
 
